@@ -1,0 +1,78 @@
+"""Guest RAM: one anonymous private mapping, touched only through ctypes calls.
+
+Every access by a vCPU goes through ``ctypes.memmove``, a foreign call that
+releases the GIL: a vCPU that faults on a missing page blocks in the kernel
+without the GIL, so the other vCPUs and the control thread keep running.  Plain
+slicing of the mmap would fault while holding the GIL and freeze the process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import random
+from array import array
+
+from guest_sim import pages
+
+memmove = ctypes.memmove
+
+
+class GuestRam:
+    def __init__(self, size: int, page_size: int = mmap.PAGESIZE) -> None:
+        if size % page_size or size < 16 * page_size:
+            raise ValueError(f"RAM size {size} must be a multiple of {page_size} and at least 16 pages")
+        self.size = size
+        self.page_size = page_size
+        self.npages = size // page_size
+        self.first_data = pages.table_pages(self.npages, page_size)
+        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        # Keep every page a 4 KiB page so that "never touched" in pagemap is
+        # exact for the source and faults arrive per page on the destination.
+        self.map.madvise(mmap.MADV_NOHUGEPAGE)
+        self._anchor = ctypes.c_char.from_buffer(self.map)
+        self.addr = ctypes.addressof(self._anchor)
+        self.table_addr = self.addr  # the version table is at the start of RAM
+
+    def fill(self, zero_pct: int, text_pct: int, seed: int) -> int:
+        """Initial contents: every non-zero-kind data page at version 1.
+
+        Runs before any vCPU and before any uffd exists, so it may write through
+        the mmap directly.  Returns the number of pages written.
+        """
+        rnd = random.Random(seed)
+        ps = self.page_size
+        buf = bytearray(ps)
+        versions = array("I", bytes(4 * self.npages))
+        written = 0
+        for idx in range(self.first_data, self.npages):
+            kind = pages.page_kind(idx, zero_pct, text_pct)
+            if kind == pages.KIND_ZERO:
+                continue
+            pages.build_page(buf, idx, 1, kind, 0xFFFF, rnd)
+            self.map[idx * ps : (idx + 1) * ps] = buf
+            versions[idx] = 1
+            written += 1
+        raw = versions.tobytes()
+        self.map[0 : len(raw)] = raw
+        return written
+
+    def verify_all(self, limit: int = 20) -> tuple[int, list[str]]:
+        """Check every data page against the version table (vCPUs must be paused)."""
+        ps = self.page_size
+        buf = (ctypes.c_char * ps)()
+        table = (ctypes.c_char * (4 * self.npages))()
+        memmove(table, self.table_addr, 4 * self.npages)
+        versions = array("I", bytes(table))
+        errors: list[str] = []
+        nerr = 0
+        for idx in range(self.first_data, self.npages):
+            memmove(buf, self.addr + idx * ps, ps)
+            err = pages.check_page(bytes(buf), idx, versions[idx])
+            if err:
+                nerr += 1
+                if len(errors) < limit:
+                    errors.append(err)
+        if nerr > len(errors):
+            errors.append(f"... and {nerr - len(errors)} more")
+        return self.npages - self.first_data, errors

@@ -1,0 +1,191 @@
+"""The `migrator` command line.  Commands only build a frozen config and call the library.
+
+Exit codes: 0 ok, 1 unexpected, 2 usage, 3 cannot run here (userfaultfd),
+4 transport (source unreachable or gone), 5 guest failure, 6 protocol or
+integrity error, 7 userfaultfd ioctl failure, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from typing import Any
+
+import click
+
+from migrator import __version__
+from migrator.config import DestConfig, GuestOptions, SourceConfig, parse_size
+from migrator.errors import MigratorError
+
+
+class SizeType(click.ParamType):
+    name = "size"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = SizeType()
+
+
+def _fail(exc: MigratorError) -> None:
+    click.echo(f"migrator: error: {exc}", err=True)
+    sys.exit(exc.exit_code)
+
+
+def _stop_on_signals() -> threading.Event:
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: object) -> None:
+        if stop.is_set() and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        stop.set()
+
+    signal.signal(signal.SIGINT, handler)
+    signal.signal(signal.SIGTERM, handler)
+    return stop
+
+
+@click.group(context_settings={"auto_envvar_prefix": "MIGRATOR", "help_option_names": ["-h", "--help"]})
+@click.version_option(__version__)
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging on stderr.")
+def main(verbose: bool) -> None:
+    """Post-copy live migration of a guest over userfaultfd and gRPC."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
+
+
+def guest_options(f: Any) -> Any:
+    opts = [
+        click.option("--ram", type=SIZE, default="256MiB", show_default=True, help="Guest RAM size."),
+        click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True),
+        click.option("--workload", type=click.Choice(["random", "sequential", "hotset"]), default="random", show_default=True),
+        click.option("--write-ratio", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Share of accesses that write."),
+        click.option("--zero-pct", type=click.IntRange(0, 100), default=40, show_default=True, help="Pages never written at start."),
+        click.option("--text-pct", type=click.IntRange(0, 100), default=30, show_default=True, help="Compressible pages at start."),
+        click.option("--seed", type=int, default=1, show_default=True),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _guest(kw: dict[str, Any]) -> GuestOptions:
+    if kw["zero_pct"] + kw["text_pct"] > 100:
+        raise click.BadParameter("--zero-pct + --text-pct must be at most 100")
+    return GuestOptions(**{k: kw.pop(k) for k in ("ram", "vcpus", "workload", "write_ratio", "zero_pct", "text_pct", "seed")})
+
+
+@main.command()
+@click.option("--listen", default="127.0.0.1:7000", show_default=True, help="Address for the page server (HOST:PORT; port 0 picks one).")
+@guest_options
+@click.option("--ready-file", type=click.Path(dir_okay=False), help="Write {address, guest_pid} as JSON here once listening.")
+@click.option("--keep-guest", is_flag=True, help="After completion keep the paused guest until stopped.")
+@click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
+def source(listen: str, ready_file: str | None, keep_guest: bool, as_json: bool, **kw: Any) -> None:
+    """Start a guest and serve its memory to one destination."""
+    from migrator.source.run import run_source
+
+    cfg = SourceConfig(listen=listen, guest=_guest(kw), ready_file=ready_file, keep_guest=keep_guest, json=as_json)
+    stop = _stop_on_signals()
+    try:
+        result = run_source(cfg, stop, say=lambda m: click.echo(m, err=True))
+    except MigratorError as exc:
+        _fail(exc)
+    if as_json:
+        click.echo(json.dumps(result, indent=2))
+    else:
+        click.echo(f"source: {result['phase']}: served {result['demand_pages']} demand + {result['bulk_pages']} bulk pages, "
+                   f"{result['bytes_sent'] / (1 << 20):.1f} MiB")  # fmt: skip
+    if result["phase"] not in ("completed", "running"):
+        sys.exit(4)
+
+
+def dest_options(f: Any, *, override: bool = True) -> Any:
+    opts = [
+        click.option("--fault-threads", type=click.IntRange(1, 16), default=2, show_default=True),
+        click.option("--window", "demand_window", type=click.IntRange(1, 256), default=4, show_default=True, help="Pages fetched per demand fault."),
+        click.option("--compress", type=click.Choice(["auto", "none", "zstd"]), default="auto", show_default=True,
+                     help="Bulk stream compression; auto = off on loopback, on otherwise."),  # fmt: skip
+        click.option("--batch-pages", type=click.IntRange(1, 1024), default=256, show_default=True),
+        click.option("--no-verify", is_flag=True, help="Skip the guest's full self-check at the end."),
+    ]
+    if override:
+        opts.append(click.option("--write-ratio", type=click.FloatRange(0, 1), default=None, help="Override the guest's write ratio here."))
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+@main.command()
+@click.option("--source", "source_addr", default="127.0.0.1:7000", show_default=True, help="The source's page server.")
+@dest_options
+@click.option("--run-for", type=float, default=None, help="Seconds to keep the guest running after the last page (default: until Ctrl-C).")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--check", is_flag=True, help="Only probe whether userfaultfd works here, then exit (0 = yes, 3 = no).")
+@click.option("--quiet", is_flag=True, help="No live progress.")
+def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, quiet: bool, no_verify: bool, **kw: Any) -> None:
+    """Migrate the source's guest here, post-copy, and keep it running."""
+    from migrator.probe import probe
+
+    result = probe()
+    if check:
+        click.echo(result.message)
+        sys.exit(0 if result.ok else 3)
+    if not result.ok:
+        _fail(result.error())
+    from migrator.runner import run_destination
+
+    cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
+    stop = _stop_on_signals()
+    try:
+        summary = run_destination(cfg, stop)
+    except MigratorError as exc:
+        _fail(exc)
+    click.echo(summary.to_json() if as_json else summary.to_text())
+    if not summary.ok:
+        sys.exit(5)
+
+
+@main.command()
+@guest_options
+@lambda f: dest_options(f, override=False)
+@click.option("--run-for", type=float, default=2.0, show_default=True, help="Seconds the guest keeps running on the destination.")
+@click.option("--warmup", type=float, default=1.0, show_default=True, help="Seconds the guest runs on the source first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.option("--quiet", is_flag=True, help="No live progress.")
+def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: bool, **kw: Any) -> None:
+    """Start a source and migrate its guest to a destination on this machine."""
+    from migrator.probe import probe
+    from migrator.runner import run_demo
+
+    result = probe()
+    if not result.ok:
+        _fail(result.error())
+    guest = _guest(kw)
+    cfg = DestConfig(source="127.0.0.1:0", run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
+    stop = _stop_on_signals()
+    try:
+        summary = run_demo(guest, cfg, warmup, stop)
+    except MigratorError as exc:
+        _fail(exc)
+    click.echo(summary.to_json() if as_json else summary.to_text())
+    if not summary.ok:
+        sys.exit(5)
+
+
+@main.command()
+def check() -> None:
+    """Probe whether userfaultfd works here and say why not (exit 0 = yes, 3 = no)."""
+    from migrator.probe import probe
+
+    result = probe()
+    click.echo(result.message)
+    sys.exit(0 if result.ok else 3)

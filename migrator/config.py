@@ -1,0 +1,53 @@
+"""Frozen configuration objects built by the CLI (or by tests) and read by the library."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from migrator import policy
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 1000**2,
+          "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """'256MiB' -> 268435456.  Raises ValueError with a readable message."""
+    m = re.fullmatch(r"\s*(\d+)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"not a size: {text!r} (use e.g. 256MiB, 1GiB)")
+    return int(m.group(1)) * _UNITS[m.group(2).lower()]
+
+
+@dataclass(frozen=True)
+class GuestOptions:
+    ram: int = 256 << 20
+    vcpus: int = 2
+    workload: str = "random"
+    write_ratio: float = 0.5
+    zero_pct: int = 40
+    text_pct: int = 30
+    seed: int = 1
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    listen: str = "127.0.0.1:7000"
+    guest: GuestOptions = GuestOptions()
+    ready_file: str | None = None
+    keep_guest: bool = False  # after completion keep the paused guest until stopped (tests, roll-back)
+    json: bool = False
+
+
+@dataclass(frozen=True)
+class DestConfig:
+    source: str = "127.0.0.1:7000"
+    fault_threads: int = 2
+    demand_window: int = policy.DEFAULT_DEMAND_WINDOW
+    compress: str = "auto"  # auto | none | zstd
+    batch_pages: int = 256
+    run_for: float | None = None  # seconds after completion; None = until Ctrl-C
+    write_ratio: float | None = None  # override the guest's write ratio on the destination
+    connect_timeout: float = 5.0
+    progress: bool = True
+    verify: bool = True  # pause the guest after completion and let it check every page

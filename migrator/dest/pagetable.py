@@ -1,0 +1,121 @@
+"""The one table of received / in-flight pages on the destination.
+
+Every page is in exactly one state::
+
+    MISSING --(fault or demand window)--> REQUESTED --+
+       |                                               +--(claimed by an installer)--> INSTALLING --> PRESENT
+       +-----------------------------------------------+
+
+* Only a page in MISSING is ever requested on the urgent channel, so a page is
+  requested at most once (CRIU's ``is_page_queued``, QEMU's ``receivedmap``).
+* Only the caller that moved a page to INSTALLING may install it, so a page is
+  installed exactly once, whichever channel's copy arrives first; the later
+  copy is counted as a duplicate and dropped.
+* A fault on a REQUESTED or INSTALLING page needs no action: the UFFDIO_COPY
+  that installs it wakes the faulting thread.
+
+Owner: this object; its lock is a leaf (nothing else is acquired while it is
+held, and no syscall is made under it).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+MISSING, REQUESTED, INSTALLING, PRESENT = 0, 1, 2, 3
+
+
+class PageTable:
+    def __init__(self, npages: int) -> None:
+        self.npages = npages
+        self.state = bytearray(npages)
+        self.present = 0
+        self.all_present = threading.Event()
+        self._lock = threading.Lock()
+        # page -> (time the fault was read, faulting thread id) for pages a vCPU waits on
+        self.waiting: dict[int, tuple[int, int]] = {}
+
+    def on_fault(self, page: int, ptid: int) -> int:
+        """Record a fault; returns the page's state before (MISSING -> now REQUESTED)."""
+        with self._lock:
+            st = self.state[page]
+            if st != PRESENT and page not in self.waiting:
+                self.waiting[page] = (time.perf_counter_ns(), ptid)
+            if st == MISSING:
+                self.state[page] = REQUESTED
+            return st
+
+    def request_window(self, first: int, limit: int, exclude: bytes) -> int:
+        """Mark MISSING pages first+1.. as REQUESTED while contiguous; returns the run length.
+
+        ``first`` itself must already be REQUESTED by the caller; pages flagged in
+        ``exclude`` (e.g. known zero) end the window.
+        """
+        with self._lock:
+            n = 1
+            end = min(first + limit, self.npages)
+            st = self.state
+            while first + n < end and st[first + n] == MISSING and not exclude[first + n]:
+                st[first + n] = REQUESTED
+                n += 1
+            return n
+
+    def claim(self, first: int, flags: bytes | bytearray) -> bytearray:
+        """Claim pages for installing: returns a mask (1 = yours to install).
+
+        ``flags[i]`` nonzero means the caller holds page ``first+i``'s contents.
+        """
+        n = len(flags)
+        mine = bytearray(n)
+        with self._lock:
+            st = self.state
+            for i in range(n):
+                if flags[i] and st[first + i] < INSTALLING:
+                    st[first + i] = INSTALLING
+                    mine[i] = 1
+        return mine
+
+    def claim_range(self, first: int, count: int) -> bool:
+        """Claim a whole range if every page in it is MISSING (zero-map fast path)."""
+        with self._lock:
+            sl = self.state[first : first + count]
+            if sl.count(MISSING) != count:
+                return False
+            self.state[first : first + count] = bytes([INSTALLING]) * count
+            return True
+
+    def installed(self, first: int, mine: bytes | bytearray) -> list[tuple[int, int, int]]:
+        """Mark claimed pages PRESENT; returns (page, fault_time_ns, ptid) of waited-on pages."""
+        woken = []
+        with self._lock:
+            st = self.state
+            k = 0
+            for i, m in enumerate(mine):
+                if m:
+                    st[first + i] = PRESENT
+                    k += 1
+                    w = self.waiting.pop(first + i, None) if self.waiting else None
+                    if w is not None:
+                        woken.append((first + i, w[0], w[1]))
+            self.present += k
+            if self.present == self.npages:
+                self.all_present.set()
+        return woken
+
+    def unclaim(self, first: int, mine: bytes | bytearray) -> None:
+        """Give claimed pages back (install failed); they are MISSING again."""
+        with self._lock:
+            for i, m in enumerate(mine):
+                if m:
+                    self.state[first + i] = MISSING
+
+    def next_missing(self, start: int) -> int:
+        """First MISSING page at or after start (wrapping), or -1."""
+        with self._lock:
+            p = self.state.find(MISSING, start)
+            return p if p >= 0 else self.state.find(MISSING)
+
+    def snapshot_counts(self) -> tuple[int, int]:
+        with self._lock:
+            return self.present, self.state.count(REQUESTED)

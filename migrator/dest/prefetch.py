@@ -1,0 +1,133 @@
+"""Receivers: the demand channel's installer thread and the bulk prefetcher.
+
+``DemandChannel``: fault threads call :meth:`request` (a queue put: the only
+hand-off on the way out); one ``demand-rx`` thread reads the urgent stream and
+installs each reply itself, so the reply path has no further hand-off.
+
+``Prefetcher``: first maps every page the manifest says was never touched (zero
+runs, one UFFDIO_ZEROPAGE per run, no data on the wire), then installs the bulk
+stream's batches in contiguous runs, skipping pages another channel already
+installed.  After a fault it may move the bulk stream's position past the
+faulted page (policy.should_seek), so the stream follows the guest's locality.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable
+
+from migrator import policy
+from migrator.dest.install import Installer
+from migrator.dest.pagetable import PageTable
+from migrator.dest.source_client import BulkStream, DemandStream, PageSource
+from migrator.stats import DestStats
+
+
+class DemandChannel:
+    def __init__(self, source: PageSource, installer: Installer, stats: DestStats, on_error: Callable[[BaseException], None]) -> None:
+        self.installer = installer
+        self.stats = stats
+        self.on_error = on_error
+        self._ids = itertools.count(1)
+        self._stream: DemandStream = source.open_demand()
+        self._thread = threading.Thread(target=self._run, name="demand-rx", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def request(self, first: int, count: int) -> None:
+        self._stream.request(next(self._ids), first, count)
+        self.stats.add(demand_requests=1)
+
+    def _run(self) -> None:
+        try:
+            inst = self.installer
+            for batch in self._stream.responses():
+                data = inst.decode(batch)
+                with self.stats.lock:
+                    self.stats.wire_bytes += len(batch.data)
+                    self.stats.raw_bytes += batch.raw_size
+                inst.install(batch.first_page, batch.flags, data, "demand")
+        except BaseException as exc:  # noqa: BLE001
+            if not self._stopping:
+                self.on_error(exc)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._stream.close()
+        self._thread.join(timeout=5)
+
+
+class Prefetcher:
+    def __init__(
+        self,
+        source: PageSource,
+        installer: Installer,
+        table: PageTable,
+        zero_map: bytes,
+        stats: DestStats,
+        codec: int,
+        batch_pages: int,
+        on_error: Callable[[BaseException], None],
+    ) -> None:
+        self.source = source
+        self.installer = installer
+        self.table = table
+        self.zero_map = zero_map
+        self.stats = stats
+        self.codec = codec
+        self.batch_pages = batch_pages
+        self.on_error = on_error
+        self._stream: BulkStream | None = None
+        self._stopping = False
+        self._last_seek = 0.0
+        self._seek_pos = -1
+        self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
+        self.finished_ns = 0
+
+    def start(self) -> None:
+        self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0)
+        self._thread.start()
+
+    def after_fault(self, page: int, count: int) -> None:
+        """Called by a fault thread after it requested [page, page+count)."""
+        now = time.monotonic()
+        if self._stream is not None and policy.should_seek(page + count, self._seek_pos, now - self._last_seek):
+            self._last_seek = now
+            self._seek_pos = page + count
+            self._stream.seek(page + count)
+
+    def _install_zero_map(self) -> None:
+        zm = self.zero_map
+        for first, count in policy.runs_of(zm, 1, max_run=4096):
+            if self._stopping:
+                return
+            self.installer.install_zero_range(first, count)
+
+    def _run(self) -> None:
+        try:
+            self._install_zero_map()
+            inst = self.installer
+            assert self._stream is not None
+            for batch in self._stream.responses():
+                if batch.last:
+                    break
+                data = inst.decode(batch)
+                with self.stats.lock:
+                    self.stats.wire_bytes += len(batch.data)
+                    self.stats.raw_bytes += batch.raw_size
+                    self.stats.bulk_batches += 1
+                inst.install(batch.first_page, batch.flags, data, "prefetch")
+            self.finished_ns = time.perf_counter_ns()
+        except BaseException as exc:  # noqa: BLE001
+            if not self._stopping:
+                self.on_error(exc)
+
+    def stop(self) -> None:
+        self._stopping = True
+        if self._stream is not None:
+            self._stream.close()
+        self._thread.join(timeout=5)

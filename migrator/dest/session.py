@@ -1,0 +1,264 @@
+"""One post-copy migration, destination side, from empty guest to completion.
+
+Steps (downtime is 3 to 5; everything slow happens before the pause):
+
+ 1. describe the source's guest (no pause) and start an empty incoming guest;
+    it passes its userfaultfd; UFFDIO_API + UFFDIO_REGISTER (MISSING) on it;
+ 2. start fault threads, the urgent stream and the bulk stream's connection;
+ 3. handshake: the source pauses its guest and returns the vCPU state and the
+    map of never-touched pages;
+ 4. start the prefetcher;
+ 5. resume the guest with that state: it runs, faulting on missing pages;
+ 6. wait until every page is present, watching the guest and every thread;
+ 7. stop the threads, UFFDIO_UNREGISTER, close the uffd, then Complete: only
+    now may the source drop its copy.
+
+Any failure before the guest resumed cancels the migration (the source resumes
+its guest); after that, the guest's memory is split between two hosts and the
+destination can only report and stop.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import zstandard
+
+from migrator import policy
+from migrator.config import DestConfig
+from migrator.dest.fault import FaultHandler, FaultThreads
+from migrator.dest.install import Installer
+from migrator.dest.pagetable import PageTable
+from migrator.dest.prefetch import DemandChannel, Prefetcher
+from migrator.dest.source_client import GrpcPageSource, PageSource
+from migrator.errors import GuestDied, GuestError, MigratorError, ProtocolError
+from migrator.guest import GuestProcess, GuestSpec
+from migrator.stats import DestStats
+from migrator.uffd import abi
+from migrator.uffd.fd import Userfaultfd
+from migrator.wire import migration_pb2 as pb
+
+log = logging.getLogger("migrator.dest")
+
+
+@dataclass
+class Progress:
+    """What the live display shows; produced every ~0.2 s."""
+
+    elapsed_s: float
+    present: int
+    npages: int
+    demand: int
+    prefetch: int
+    zero: int
+    ops_per_s: float
+    phase: str
+
+
+@dataclass
+class Outcome:
+    manifest: pb.Manifest
+    stats: DestStats
+    guest: GuestProcess
+    paused_ns: int = 0
+    resumed_ns: int = 0
+    done_ns: int = 0
+    ops: dict[str, float] = field(default_factory=dict)
+    guest_stats: dict[str, Any] = field(default_factory=dict)
+    verify: dict[str, Any] = field(default_factory=dict)
+    compression: str = "none"
+    tids: list[int] = field(default_factory=list)
+
+
+def _is_loopback(address: str) -> bool:
+    host = address.rsplit(":", 1)[0].strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
+
+
+class DestinationSession:
+    def __init__(self, cfg: DestConfig, source: PageSource | None = None) -> None:
+        self.cfg = cfg
+        self.source = source
+        self._failure: BaseException | None = None
+        self._failed = threading.Event()
+        self.guest: GuestProcess | None = None
+        self.uffd: Userfaultfd | None = None
+
+    def fail(self, exc: BaseException) -> None:
+        if self._failure is None:
+            self._failure = exc
+        self._failed.set()
+
+    def _check(self) -> None:
+        if self._failure is not None:
+            exc = self._failure
+            if isinstance(exc, MigratorError):
+                raise exc
+            raise MigratorError(f"internal error in a migration thread: {exc!r}") from exc
+        if self.guest is not None and not self.guest.alive():
+            raise GuestDied("the destination guest died", exit=self.guest.proc.returncode)
+
+    def migrate(self, on_progress: Callable[[Progress], None] | None = None) -> Outcome:
+        """Run steps 1-7; returns with the guest running on this side."""
+        cfg = self.cfg
+        if self.source is None:
+            self.source = GrpcPageSource(cfg.source, connect_timeout=cfg.connect_timeout)
+        src = self.source
+        desc = src.describe()
+        spec = GuestSpec(ram=desc.ram_size, page_size=desc.page_size, vcpus=desc.vcpus or 2, incoming=True)
+        self.guest = guest = GuestProcess(spec)
+        h = guest.hello
+        assert h.uffd is not None
+        self.uffd = uffd = Userfaultfd(h.uffd)
+        uffd.api(abi.UFFD_FEATURE_THREAD_ID)
+        uffd.register(h.addr, h.size)
+        npages = h.size // h.page_size
+        table = PageTable(npages)
+        stats = DestStats()
+        installer = Installer(uffd, table, h.addr, h.page_size, stats)
+        manifest: pb.Manifest | None = None
+        demand: DemandChannel | None = None
+        prefetcher: Prefetcher | None = None
+        faults: FaultThreads | None = None
+        resumed = False
+        try:
+            demand = DemandChannel(src, installer, stats, self.fail)
+            manifest = src.handshake()
+            t_hs = time.time_ns()
+            if manifest.ram_size != h.size or manifest.page_size != h.page_size:
+                raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
+            zero_map = zstandard.ZstdDecompressor().decompress(manifest.zero_map_zstd, max_output_size=npages)
+            if len(zero_map) != npages:
+                raise ProtocolError("zero map has the wrong length", got=len(zero_map), want=npages)
+            codec_name = policy.choose_codec(cfg.compress, _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True)
+            codec = pb.CODEC_ZSTD if codec_name == "zstd" else pb.CODEC_NONE
+            prefetcher = Prefetcher(src, installer, table, zero_map, stats, codec, cfg.batch_pages, self.fail)
+
+            def request(page: int, count: int) -> None:
+                assert demand is not None and prefetcher is not None
+                demand.request(page, count)
+                prefetcher.after_fault(page, count)
+
+            handler = FaultHandler(uffd, table, installer, zero_map, h.addr, h.page_size, request, cfg.demand_window)
+            faults = FaultThreads(uffd, handler, cfg.fault_threads, self.fail)
+            faults.start()
+            demand.start()
+            prefetcher.start()
+            state = json.loads(manifest.vcpu_state)
+            reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
+            resumed = True
+            out = Outcome(manifest, stats, guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
+            out.compression = codec_name
+            out.tids = list(reply.get("tids", []))
+            log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
+            self._wait_all_present(table, out, on_progress)
+            out.done_ns = time.time_ns()
+            stats.faults = handler.faults
+            stats.faults_spurious = handler.spurious
+        except BaseException as exc:
+            for part in (faults, prefetcher, demand):
+                if part is not None:
+                    part.stop()
+            if not resumed and manifest is not None:
+                try:
+                    src.cancel(manifest.migration_id, f"destination failed before resuming: {exc}")
+                except MigratorError:
+                    pass
+            guest.kill()
+            uffd.close()
+            raise
+        faults.stop()
+        prefetcher.stop()
+        demand.stop()
+        uffd.unregister(h.addr, h.size)
+        uffd.close()
+        src.complete(manifest.migration_id, table.present)
+        return out
+
+    def _wait_all_present(self, table: PageTable, out: Outcome, on_progress: Callable[[Progress], None] | None) -> None:
+        t0 = time.monotonic()
+        last_ops: tuple[float, int] | None = None
+        first_ops: tuple[float, int] | None = None
+        while not table.all_present.wait(0.2):
+            self._check()
+            if on_progress is not None or first_ops is None:
+                ops = self._guest_ops()
+                now = time.monotonic()
+                first_ops = first_ops or (now, ops)
+                rate = (ops - last_ops[1]) / (now - last_ops[0]) if last_ops else 0.0
+                last_ops = (now, ops)
+                if on_progress is not None:
+                    s = out.stats
+                    on_progress(Progress(now - t0, table.present, table.npages, s.pages_demand, s.pages_prefetch, s.pages_zero, rate, "migrating"))
+        self._check()
+        ops = self._guest_ops()
+        now = time.monotonic()
+        start = first_ops or (t0, 0)
+        # ops/s during: from resume (ops counter restarts at the migrated value) to the last page
+        out.ops["during_ops"] = ops
+        out.ops["during_s"] = max(now - t0, 1e-9)
+        out.ops["start_ops"] = start[1]
+
+    def _guest_ops(self) -> int:
+        assert self.guest is not None
+        st = self.guest.call("stats", timeout=10)
+        return sum(v["ops"] for v in st["vcpus"])
+
+    def run_after(self, out: Outcome, seconds: float | None, stop: threading.Event, on_progress: Callable[[Progress], None] | None = None) -> None:
+        """Keep the guest running on this side for ``seconds`` (None: until ``stop``)."""
+        guest = out.guest
+        t0 = time.monotonic()
+        ops0 = self._guest_ops()
+        last = (t0, ops0)
+        while not stop.wait(0.5):
+            if not guest.alive():
+                raise GuestDied("the destination guest died", exit=guest.proc.returncode)
+            now = time.monotonic()
+            ops = self._guest_ops()
+            if on_progress is not None:
+                t = out.manifest.ram_size // out.manifest.page_size
+                s = out.stats
+                on_progress(Progress(now - t0, t, t, s.pages_demand, s.pages_prefetch, s.pages_zero, (ops - last[1]) / (now - last[0]), "running"))
+            last = (now, ops)
+            if seconds is not None and now - t0 >= seconds:
+                break
+        now = time.monotonic()
+        ops = self._guest_ops()
+        out.ops["after"] = (ops - ops0) / max(now - t0, 1e-9) if now > t0 else 0.0
+
+    def finish(self, out: Outcome) -> None:
+        """Pause the guest, let it verify every page, collect its stats, stop it."""
+        guest = out.guest
+        if self.cfg.verify:
+            guest.call("pause", timeout=30)
+            out.verify = guest.call("verify", timeout=600)
+        out.guest_stats = guest.call("stats")
+        guest.quit()
+
+    def close(self) -> None:
+        if self.guest is not None and self.guest.alive():
+            self.guest.kill()
+        if self.source is not None:
+            self.source.close()
+
+
+def guest_errors(guest_stats: dict[str, Any]) -> list[str]:
+    errs: list[str] = []
+    for v in guest_stats.get("vcpus", []):
+        errs.extend(v.get("first_errors", []))
+    return errs
+
+
+__all__ = ["DestinationSession", "Outcome", "Progress", "guest_errors", "GuestError"]

@@ -1,0 +1,177 @@
+"""The destination's view of the source: a page-source interface and its gRPC form.
+
+The transport seam (httpx's MockTransport): the pipeline talks to a
+:class:`PageSource`; :class:`GrpcPageSource` is the real one, and
+``migrator.dest.local_source.LocalPageSource`` serves a RAM image in-process so
+the fault path can be tested without a network.
+
+Two gRPC channels, so two TCP connections: ``urgent`` carries only the Demand
+stream, ``bulk`` everything else, so a page a vCPU waits for never queues
+behind megabytes of bulk data.  Every RpcError is mapped once, in
+:func:`map_rpc_error`.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+from typing import Protocol
+
+import grpc
+
+from migrator import PROTOCOL_VERSION
+from migrator.errors import MigratorError, ProtocolError, SourceUnreachable, TransportError
+from migrator.wire import migration_pb2 as pb
+from migrator.wire import migration_pb2_grpc as pb_grpc
+
+UNARY_TIMEOUT = 15.0
+STREAM_TIMEOUT = 24 * 3600.0
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+    # a dead peer or a vanished link is noticed within seconds, not minutes
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),
+    # separate connections for the two channels
+    ("grpc.use_local_subchannel_pool", 1),
+]
+
+
+def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
+    code = exc.code() if hasattr(exc, "code") else None
+    details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        return SourceUnreachable(f"source unreachable during {what}: {details}", status=code.name)
+    if code in (
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.OUT_OF_RANGE,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.UNIMPLEMENTED,
+    ):
+        return ProtocolError(f"source refused {what}: {details}", status=code.name)
+    name = code.name if code is not None else "UNKNOWN"
+    return TransportError(f"{what} failed: {details}", status=name)
+
+
+class DemandStream(Protocol):
+    def request(self, request_id: int, first: int, count: int) -> None: ...
+    def responses(self) -> Iterator[pb.PageBatch]: ...
+    def close(self) -> None: ...
+
+
+class BulkStream(Protocol):
+    def seek(self, page: int) -> None: ...
+    def responses(self) -> Iterator[pb.PageBatch]: ...
+    def close(self) -> None: ...
+
+
+class PageSource(Protocol):
+    def describe(self) -> pb.Manifest: ...
+    def handshake(self) -> pb.Manifest: ...
+    def open_demand(self) -> DemandStream: ...
+    def open_bulk(self, codec: int, batch_pages: int, seek: int) -> BulkStream: ...
+    def complete(self, migration_id: str, installed: int) -> pb.CompleteReply: ...
+    def cancel(self, migration_id: str, reason: str) -> None: ...
+    def close(self) -> None: ...
+
+
+class _QueueIter:
+    """A request iterator fed from another thread; None ends it."""
+
+    def __init__(self) -> None:
+        self.q: queue.SimpleQueue[object] = queue.SimpleQueue()
+
+    def __iter__(self) -> "_QueueIter":
+        return self
+
+    def __next__(self) -> object:
+        item = self.q.get()
+        if item is None:
+            raise StopIteration
+        return item
+
+
+class _GrpcStream:
+    def __init__(self, call_fn, first: object | None, what: str) -> None:  # type: ignore[no-untyped-def]
+        self._reqs = _QueueIter()
+        if first is not None:
+            self._reqs.q.put(first)
+        self._what = what
+        self._call = call_fn(self._reqs, timeout=STREAM_TIMEOUT)
+        self._closed = threading.Event()
+
+    def _put(self, msg: object) -> None:
+        self._reqs.q.put(msg)
+
+    def responses(self) -> Iterator[pb.PageBatch]:
+        try:
+            yield from self._call
+        except grpc.RpcError as exc:
+            if self._closed.is_set() and exc.code() == grpc.StatusCode.CANCELLED:
+                return
+            raise map_rpc_error(exc, self._what) from None
+
+    def close(self) -> None:
+        self._closed.set()
+        self._reqs.q.put(None)
+        self._call.cancel()
+
+
+class GrpcDemandStream(_GrpcStream):
+    def request(self, request_id: int, first: int, count: int) -> None:
+        self._put(pb.DemandRequest(request_id=request_id, first_page=first, count=count))
+
+
+class GrpcBulkStream(_GrpcStream):
+    def seek(self, page: int) -> None:
+        self._put(pb.StreamControl(seek_page=page))
+
+
+class GrpcPageSource:
+    def __init__(self, address: str, *, connect_timeout: float = 5.0) -> None:
+        self.address = address
+        self._urgent = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + [("migrator.channel", "urgent")])
+        self._bulk = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + [("migrator.channel", "bulk")])
+        try:
+            grpc.channel_ready_future(self._bulk).result(timeout=connect_timeout)
+        except grpc.FutureTimeoutError:
+            self.close()
+            raise SourceUnreachable(f"cannot connect to the source at {address}", timeout=f"{connect_timeout:g}s") from None
+        self._urgent_stub = pb_grpc.MigrationStub(self._urgent)
+        self._bulk_stub = pb_grpc.MigrationStub(self._bulk)
+
+    def _unary(self, fn, req, what: str):  # type: ignore[no-untyped-def]
+        try:
+            return fn(req, timeout=UNARY_TIMEOUT)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, what) from None
+
+    def describe(self) -> pb.Manifest:
+        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True)
+        return self._unary(self._bulk_stub.Handshake, req, "handshake")
+
+    def handshake(self) -> pb.Manifest:
+        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
+        return self._unary(self._bulk_stub.Handshake, req, "handshake")
+
+    def open_demand(self) -> GrpcDemandStream:
+        return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch")
+
+    def open_bulk(self, codec: int, batch_pages: int, seek: int) -> GrpcBulkStream:
+        first = pb.StreamControl(seek_page=seek, codec=codec, batch_pages=batch_pages)
+        return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream")
+
+    def complete(self, migration_id: str, installed: int) -> pb.CompleteReply:
+        req = pb.CompleteRequest(migration_id=migration_id, pages_installed=installed)
+        return self._unary(self._bulk_stub.Complete, req, "completion")
+
+    def cancel(self, migration_id: str, reason: str) -> None:
+        self._unary(self._bulk_stub.Cancel, pb.CancelRequest(migration_id=migration_id, reason=reason), "cancel")
+
+    def close(self) -> None:
+        self._urgent.close()
+        self._bulk.close()

@@ -1,0 +1,92 @@
+"""Run a destination (and, for the demo, a source) end to end, with live progress."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+from migrator.config import DestConfig, GuestOptions
+from migrator.dest.session import DestinationSession, Progress
+from migrator.errors import MigratorError, SourceUnreachable
+from migrator.report import build_summary
+from migrator.stats import Summary
+
+
+class ProgressLine:
+    """One updating line on a terminal; a line per second otherwise."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._last = 0.0
+
+    def __call__(self, p: Progress) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not self.tty and now - self._last < 1.0:
+            return
+        self._last = now
+        pct = 100.0 * p.present / max(p.npages, 1)
+        line = (f"{p.phase:9s} {p.elapsed_s:6.1f}s  {pct:5.1f}% present  demand {p.demand}  prefetch {p.prefetch}  "
+                f"zero {p.zero}  guest {p.ops_per_s:,.0f} ops/s")  # fmt: skip
+        sys.stderr.write(("\r" + line + "\033[K") if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.tty:
+            sys.stderr.write("\n")
+
+
+def run_destination(cfg: DestConfig, stop: threading.Event) -> Summary:
+    session = DestinationSession(cfg)
+    show = ProgressLine(cfg.progress)
+    try:
+        out = session.migrate(show)
+        if cfg.run_for is None or cfg.run_for > 0:
+            session.run_after(out, cfg.run_for, stop, show)
+        show.done()
+        session.finish(out)
+        return build_summary(out)
+    finally:
+        session.close()
+
+
+def run_demo(guest: GuestOptions, cfg: DestConfig, warmup: float, stop: threading.Event) -> Summary:
+    """Start `migrator source` as its own process on a free port, then migrate here."""
+    with tempfile.TemporaryDirectory(prefix="migrator-demo-") as tmp:
+        ready = os.path.join(tmp, "ready.json")
+        cmd = [sys.executable, "-m", "migrator", "source", "--listen", "127.0.0.1:0", "--ready-file", ready,
+               "--ram", str(guest.ram), "--vcpus", str(guest.vcpus), "--workload", guest.workload,
+               "--write-ratio", str(guest.write_ratio), "--zero-pct", str(guest.zero_pct),
+               "--text-pct", str(guest.text_pct), "--seed", str(guest.seed)]  # fmt: skip
+        src = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 120
+            while not os.path.exists(ready):
+                if src.poll() is not None:
+                    raise MigratorError("the demo's source exited before it was ready", exit=src.returncode)
+                if time.monotonic() > deadline:
+                    raise SourceUnreachable("the demo's source did not become ready")
+                time.sleep(0.05)
+            with open(ready) as f:
+                info = json.load(f)
+            if cfg.progress:
+                sys.stderr.write(f"demo: source ready at {info['address']}, guest running for {warmup:g}s before migration\n")
+            time.sleep(warmup)
+            dcfg = DestConfig(**{**cfg.__dict__, "source": info["address"]})
+            summary = run_destination(dcfg, stop)
+            src.wait(timeout=30)
+            return summary
+        finally:
+            if src.poll() is None:
+                src.terminate()
+                try:
+                    src.wait(timeout=10)
+                except subprocess.TimeoutExpired:
+                    src.kill()

@@ -1,0 +1,57 @@
+"""`migrator source`: start a guest, serve it, release it once the destination confirms."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from migrator.config import SourceConfig
+from migrator.errors import GuestDied
+from migrator.guest import GuestProcess, GuestSpec
+from migrator.source.server import SourceSession, serve
+
+log = logging.getLogger("migrator.source")
+
+
+def run_source(cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    g = cfg.guest
+    guest = GuestProcess(
+        GuestSpec(ram=g.ram, vcpus=g.vcpus, workload=g.workload, write_ratio=g.write_ratio,
+                  zero_pct=g.zero_pct, text_pct=g.text_pct, seed=g.seed)
+    )  # fmt: skip
+    session = SourceSession(guest)
+    try:
+        server, port = serve(session, cfg.listen)
+    except BaseException:
+        guest.kill()
+        raise
+    host = cfg.listen.rsplit(":", 1)[0]
+    info = {"address": f"{host}:{port}", "guest_pid": guest.hello.pid, "pid": os.getpid(), "ram": g.ram}
+    if cfg.ready_file:
+        tmp = cfg.ready_file + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump(info, f)
+        os.replace(tmp, cfg.ready_file)
+    say(f"source: guest pid {guest.hello.pid} running ({g.ram >> 20} MiB, {g.vcpus} vCPUs, {g.workload}); "
+        f"waiting for a destination on {info['address']}")  # fmt: skip
+    try:
+        while not stop.is_set() and not session.done.is_set():
+            session.done.wait(0.2)
+            if not guest.alive():
+                raise GuestDied("the source guest died", exit=guest.proc.returncode)
+        if session.done.is_set():
+            say("source: destination confirmed every page; releasing the guest")
+            if cfg.keep_guest:
+                say(f"source: --keep-guest: guest pid {guest.hello.pid} stays paused until this process stops")
+                stop.wait()
+        elif session.phase == "paused":
+            say("source: stopped before the destination confirmed: the guest's memory on this side is dropped")
+    finally:
+        server.stop(grace=1).wait(2)
+        session.close()
+        guest.quit()
+    return {"phase": session.phase, "migration_id": session.migration_id, **asdict(session.stats), **info}

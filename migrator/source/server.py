@@ -1,0 +1,297 @@
+"""The source's page server: a paused guest's RAM behind the Migration service.
+
+Ownership: :class:`SourceSession` owns the guest and the ``sent`` map; the
+servicer methods are a few lines each and delegate to it.  Lock order: only
+``SourceSession._lock`` exists; it guards ``_sent``/``_need``, the phase and the
+counters, and is never held while reading RAM or talking to the network.
+
+The source never drops the guest's memory before the destination's Complete:
+until then the guest stays paused, whatever happens to the connection.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+
+import grpc
+import zstandard
+
+from migrator import PROTOCOL_VERSION
+from migrator.guest import GuestProcess
+from migrator.source.batches import BatchBuilder
+from migrator.source.ram_reader import RamReader
+from migrator.wire import migration_pb2 as pb
+from migrator.wire import migration_pb2_grpc as pb_grpc
+
+log = logging.getLogger("migrator.source")
+
+MAX_DEMAND_PAGES = 256
+MAX_BATCH_PAGES = 1024
+DEFAULT_BATCH_PAGES = 256
+GRPC_OPTIONS = [
+    ("grpc.max_receive_message_length", 64 << 20),
+    ("grpc.max_send_message_length", 64 << 20),
+]
+
+
+class PhaseError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SourceStats:
+    demand_requests: int = 0
+    demand_pages: int = 0
+    bulk_pages: int = 0
+    resent_pages: int = 0
+    bytes_sent: int = 0
+    rejected: int = 0
+
+
+class SourceSession:
+    """One guest, served to at most one destination."""
+
+    def __init__(self, guest: GuestProcess) -> None:
+        self.guest = guest
+        h = guest.hello
+        self.npages = h.size // h.page_size
+        self.page_size = h.page_size
+        self.migration_id = ""
+        self.phase = "running"  # running -> paused -> completed | cancelled
+        self.stats = SourceStats()
+        self.done = threading.Event()
+        self._lock = threading.Lock()
+        self._reader: RamReader | None = None
+        self._untouched = b""
+        self._need = bytearray()  # 0 = not yet sent and touched; bulk sends these
+        self._sent = bytearray()  # 1 = sent at least once (for the duplicate count)
+        self._rate = _RateSampler(guest)
+        self.paused_ns = 0
+
+    # -- handshake -------------------------------------------------------------
+    def handshake(self, req: pb.HandshakeRequest) -> pb.Manifest:
+        if req.protocol_version != PROTOCOL_VERSION:
+            raise PhaseError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"protocol version {req.protocol_version} not supported (source speaks {PROTOCOL_VERSION})",
+            )
+        h = self.guest.hello
+        if req.prepare_only:
+            return pb.Manifest(
+                protocol_version=PROTOCOL_VERSION, ram_size=h.size, page_size=h.page_size, vcpus=h.vcpus, guest_pid=h.pid
+            )
+        with self._lock:
+            if self.phase != "running":
+                raise PhaseError(grpc.StatusCode.ALREADY_EXISTS, f"a migration is already {self.phase}")
+            self.phase = "pausing"
+        ops_before = self._rate.stop()
+        reply = self.guest.call("pause")
+        self.paused_ns = int(reply["paused_ns"])
+        self._reader = RamReader(h.pid, h.addr, h.size, h.page_size)
+        self._untouched = self._reader.untouched_map()
+        with self._lock:
+            self._need = bytearray(self._untouched)
+            self._sent = bytearray(self.npages)
+            self.migration_id = uuid.uuid4().hex
+            self.phase = "paused"
+        return pb.Manifest(
+            protocol_version=PROTOCOL_VERSION,
+            migration_id=self.migration_id,
+            ram_size=h.size,
+            page_size=h.page_size,
+            vcpu_state=json.dumps(reply["state"]).encode(),
+            zero_map_zstd=zstandard.ZstdCompressor(level=3).compress(self._untouched),
+            paused_unix_ns=self.paused_ns,
+            vcpus=h.vcpus,
+            ops_per_s_before=ops_before,
+            guest_pid=h.pid,
+        )
+
+    def _check_serving(self) -> RamReader:
+        if self.phase != "paused" or self._reader is None:
+            raise PhaseError(grpc.StatusCode.FAILED_PRECONDITION, f"no migration in progress (phase {self.phase})")
+        return self._reader
+
+    # -- urgent channel ----------------------------------------------------------
+    def demand(self, requests: Iterator[pb.DemandRequest]) -> Iterator[pb.PageBatch]:
+        # The destination opens this stream before the handshake (so the urgent
+        # connection is up before the downtime starts); check at the first request.
+        builder: BatchBuilder | None = None
+        for req in requests:
+            if builder is None:
+                builder = BatchBuilder(self._check_serving(), self._untouched, MAX_DEMAND_PAGES)
+            if req.count == 0 or req.count > MAX_DEMAND_PAGES:
+                self.stats.rejected += 1
+                raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"demand count {req.count} not in 1..{MAX_DEMAND_PAGES}")
+            if req.first_page >= self.npages or req.first_page + req.count > self.npages:
+                self.stats.rejected += 1
+                raise PhaseError(
+                    grpc.StatusCode.OUT_OF_RANGE,
+                    f"pages {req.first_page}+{req.count} outside guest RAM of {self.npages} pages",
+                )
+            first, count = req.first_page, req.count
+            with self._lock:
+                sl = slice(first, first + count)
+                self.stats.resent_pages += self._sent[sl].count(1)
+                self._sent[sl] = b"\x01" * count
+                self._need[sl] = b"\x01" * count
+                self.stats.demand_requests += 1
+                self.stats.demand_pages += count
+            batch = builder.build(first, count, None, pb.CODEC_NONE, request_id=req.request_id)
+            self.stats.bytes_sent += len(batch.data)
+            yield batch
+
+    # -- bulk channel ----------------------------------------------------------------
+    def stream(self, controls: Iterator[pb.StreamControl]) -> Iterator[pb.PageBatch]:
+        reader = self._check_serving()
+        first_ctl = next(controls, None)
+        if first_ctl is None:
+            return
+        codec = first_ctl.codec
+        if codec not in (pb.CODEC_NONE, pb.CODEC_ZSTD):
+            raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {codec}")
+        batch_pages = first_ctl.batch_pages or DEFAULT_BATCH_PAGES
+        if batch_pages > MAX_BATCH_PAGES:
+            raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"batch of {batch_pages} pages > {MAX_BATCH_PAGES}")
+        pos = [min(first_ctl.seek_page, self.npages - 1)]
+
+        def follow() -> None:
+            try:
+                for ctl in controls:
+                    if ctl.seek_page < self.npages:
+                        pos[0] = ctl.seek_page
+            except grpc.RpcError:
+                pass  # the stream ended; the generator below sees it too
+
+        threading.Thread(target=follow, name="bulk-control", daemon=True).start()
+        builder = BatchBuilder(reader, self._untouched, batch_pages)
+        while True:
+            with self._lock:
+                p = self._need.find(0, pos[0])
+                if p < 0:
+                    p = self._need.find(0)
+                if p < 0:
+                    break
+                end = min(p + batch_pages, self.npages)
+                include = bytes(1 - b for b in self._need[p:end])
+                self._need[p:end] = b"\x01" * (end - p)
+                # bulk only takes pages never sent, so only demand can re-send
+                self._sent[p:end] = bytes(a | b for a, b in zip(include, self._sent[p:end]))
+                pos[0] = end
+            batch = builder.build(p, end - p, include, codec)
+            self.stats.bulk_pages += batch.count - batch.flags.count(0)
+            self.stats.bytes_sent += len(batch.data)
+            yield batch
+        yield pb.PageBatch(last=True, sent_unix_ns=time.time_ns())
+
+    # -- end ---------------------------------------------------------------------------
+    def complete(self, req: pb.CompleteRequest) -> pb.CompleteReply:
+        with self._lock:
+            if self.phase != "paused" or req.migration_id != self.migration_id:
+                raise PhaseError(grpc.StatusCode.FAILED_PRECONDITION, "no such migration in progress")
+            self.phase = "completed"
+        self.done.set()
+        return pb.CompleteReply(pages_served=self.stats.demand_pages + self.stats.bulk_pages, bytes_sent=self.stats.bytes_sent)
+
+    def cancel(self, req: pb.CancelRequest) -> pb.CancelReply:
+        with self._lock:
+            if self.phase != "paused" or req.migration_id != self.migration_id:
+                raise PhaseError(grpc.StatusCode.FAILED_PRECONDITION, "no such migration in progress")
+            self.phase = "running"
+        log.warning("destination cancelled the migration (%s): resuming the guest here", req.reason)
+        self.guest.call("resume")
+        self._rate = _RateSampler(self.guest)
+        return pb.CancelReply()
+
+    def close(self) -> None:
+        self._rate.stop()
+        if self._reader is not None:
+            self._reader.close()
+
+
+class _RateSampler:
+    """Guest ops/s on the source, measured over the last seconds before the pause."""
+
+    def __init__(self, guest: GuestProcess, period: float = 0.25, window: int = 8) -> None:
+        self._guest = guest
+        self._samples: list[tuple[int, int]] = []
+        self._stop = threading.Event()
+        self._period, self._window = period, window
+        self._thread = threading.Thread(target=self._run, name="source-rate", daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        try:
+            st = self._guest.call("stats", timeout=5)
+        except Exception:  # noqa: BLE001 - the guest's death is reported elsewhere
+            return
+        self._samples.append((st["mono_ns"], sum(v["ops"] for v in st["vcpus"])))
+        del self._samples[: -self._window]
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._period):
+            self._sample()
+
+    def stop(self) -> float:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._sample()
+        if len(self._samples) < 2:
+            return 0.0
+        (t0, n0), (t1, n1) = self._samples[0], self._samples[-1]
+        return (n1 - n0) / ((t1 - t0) / 1e9) if t1 > t0 else 0.0
+
+
+class MigrationServicer(pb_grpc.MigrationServicer):
+    """Thin: each method delegates to the session and maps PhaseError to a status."""
+
+    def __init__(self, session: SourceSession) -> None:
+        self.s = session
+
+    def Handshake(self, request, context):  # type: ignore[no-untyped-def]
+        return _call(context, lambda: self.s.handshake(request))
+
+    def Demand(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        yield from _stream(context, lambda: self.s.demand(request_iterator))
+
+    def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        yield from _stream(context, lambda: self.s.stream(request_iterator))
+
+    def Complete(self, request, context):  # type: ignore[no-untyped-def]
+        return _call(context, lambda: self.s.complete(request))
+
+    def Cancel(self, request, context):  # type: ignore[no-untyped-def]
+        return _call(context, lambda: self.s.cancel(request))
+
+
+def _call(context: grpc.ServicerContext, fn):  # type: ignore[no-untyped-def]
+    try:
+        return fn()
+    except PhaseError as exc:
+        context.abort(exc.code, str(exc))
+
+
+def _stream(context: grpc.ServicerContext, fn):  # type: ignore[no-untyped-def]
+    try:
+        yield from fn()
+    except PhaseError as exc:
+        context.abort(exc.code, str(exc))
+
+
+def serve(session: SourceSession, listen: str, *, workers: int = 8) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="page-server"), options=GRPC_OPTIONS)
+    pb_grpc.add_MigrationServicer_to_server(MigrationServicer(session), server)
+    port = server.add_insecure_port(listen)
+    if port == 0:
+        raise OSError(f"cannot listen on {listen}")
+    server.start()
+    return server, port

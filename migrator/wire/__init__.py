@@ -1,0 +1,1 @@
+"""Generated protobuf and gRPC code for proto/migrator/wire (see scripts/gen_proto.py)."""
