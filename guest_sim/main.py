@@ -80,10 +80,11 @@ class Guest:
 
     def cmd_stats(self, _msg: dict[str, Any]) -> dict[str, Any]:
         per = []
-        for v, s in zip(self.vcpus or [None] * len(self.states), self.states):
+        tids = [v.tid for v in self.vcpus] or [0] * len(self.states)
+        for tid, s in zip(tids, self.states):
             per.append(
                 {
-                    "tid": v.tid if v else 0,
+                    "tid": tid,
                     "ops": s.ops,
                     "reads": s.reads,
                     "writes": s.writes,

@@ -95,8 +95,9 @@ class GuestGone(UffdError):
     exit_code = 5
 
 
-def uffd_error(op: str, err: int, **fields: object) -> UffdError:
+def uffd_error(op: str, err: int | None, **fields: object) -> UffdError:
     """Map an errno from a userfaultfd ioctl to the matching exception."""
+    err = err or 0
     if err == _errno.EEXIST:
         return PageExists(f"{op}: page already present", err=err, **fields)
     if err == _errno.EAGAIN:

@@ -162,7 +162,7 @@ class GrpcPageSource:
         return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch")
 
     def open_bulk(self, codec: int, batch_pages: int, seek: int) -> GrpcBulkStream:
-        first = pb.StreamControl(seek_page=seek, codec=codec, batch_pages=batch_pages)
+        first = pb.StreamControl(seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages)
         return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream")
 
     def complete(self, migration_id: str, installed: int) -> pb.CompleteReply:

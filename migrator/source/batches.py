@@ -80,7 +80,7 @@ class BatchBuilder:
             first_page=first,
             count=count,
             flags=bytes(flags),
-            codec=codec if raw else pb.CODEC_NONE,
+            codec=pb.Codec.Name(codec if raw else pb.CODEC_NONE),
             data=data,
             raw_size=len(raw),
             crc32=crcs,
