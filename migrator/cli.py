@@ -36,6 +36,15 @@ class SizeType(click.ParamType):
 SIZE = SizeType()
 
 
+def run() -> None:
+    """Console-script entry point: a second Ctrl-C ends with one line, not a traceback."""
+    try:
+        main()
+    except KeyboardInterrupt:
+        click.echo("migrator: interrupted", err=True)
+        sys.exit(130)
+
+
 def _fail(exc: MigratorError) -> None:
     click.echo(f"migrator: error: {exc}", err=True)
     sys.exit(exc.exit_code)

@@ -51,3 +51,4 @@ class DestConfig:
     connect_timeout: float = 5.0
     progress: bool = True
     verify: bool = True  # pause the guest after completion and let it check every page
+    prefetch_delay: float = 0.0  # seconds before the bulk stream starts (0 = at once)

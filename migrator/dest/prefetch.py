@@ -72,8 +72,11 @@ class Prefetcher:
         codec: int,
         batch_pages: int,
         on_error: Callable[[BaseException], None],
+        delay_s: float = 0.0,
     ) -> None:
         self.source = source
+        self.delay_s = delay_s
+        self._stop_evt = threading.Event()
         self.installer = installer
         self.table = table
         self.zero_map = zero_map
@@ -89,7 +92,8 @@ class Prefetcher:
         self.finished_ns = 0
 
     def start(self) -> None:
-        self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0)
+        if self.delay_s <= 0:
+            self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0)
         self._thread.start()
 
     def after_fault(self, page: int, count: int) -> None:
@@ -111,7 +115,11 @@ class Prefetcher:
         try:
             self._install_zero_map()
             inst = self.installer
-            assert self._stream is not None
+            if self._stream is None:
+                # bulk held back (fault-latency measurements with an idle bulk channel)
+                if self._stop_evt.wait(self.delay_s):
+                    return
+                self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0)
             for batch in self._stream.responses():
                 if batch.last:
                     break
@@ -128,6 +136,7 @@ class Prefetcher:
 
     def stop(self) -> None:
         self._stopping = True
+        self._stop_evt.set()
         if self._stream is not None:
             self._stream.close()
         self._thread.join(timeout=5)

@@ -144,7 +144,7 @@ class DestinationSession:
                 raise ProtocolError("zero map has the wrong length", got=len(zero_map), want=npages)
             codec_name = policy.choose_codec(cfg.compress, _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True)
             codec = pb.CODEC_ZSTD if codec_name == "zstd" else pb.CODEC_NONE
-            prefetcher = Prefetcher(src, installer, table, zero_map, stats, codec, cfg.batch_pages, self.fail)
+            prefetcher = Prefetcher(src, installer, table, zero_map, stats, codec, cfg.batch_pages, self.fail, cfg.prefetch_delay)
 
             def request(page: int, count: int) -> None:
                 assert demand is not None and prefetcher is not None
