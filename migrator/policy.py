@@ -31,8 +31,22 @@ def runs_of(flags: bytes | bytearray, value: int, max_run: int) -> Iterator[tupl
         i = flags.find(needle, j)
 
 
-def choose_codec(requested: str, peer_is_loopback: bool) -> str:
-    """'auto' compresses only when the link is likely slower than the compressor."""
-    if requested != "auto":
-        return requested
-    return "none" if peer_is_loopback else "zstd"
+# compression 'auto': measure the link uncompressed over this much data first
+AUTO_PROBE_BYTES = 8 << 20
+AUTO_PROBE_SECONDS = 0.5
+
+
+def initial_codec(requested: str) -> str:
+    """Codec the bulk stream starts with; 'auto' starts uncompressed and measures."""
+    return "zstd" if requested == "zstd" else "none"
+
+
+def auto_wants_zstd(peer_is_loopback: bool, link_bytes_per_s: float, zstd_bytes_per_s: float) -> bool:
+    """Compress only when the link is slower than the compressor, never on loopback.
+
+    On loopback the bottleneck is CPU, and compressing only adds CPU work; on a
+    link slower than the compressor, every byte saved is time saved.
+    """
+    if peer_is_loopback:
+        return False
+    return link_bytes_per_s < 0.8 * zstd_bytes_per_s

@@ -18,11 +18,22 @@ import threading
 import time
 from collections.abc import Callable
 
+import zstandard
+
 from migrator import policy
 from migrator.dest.install import Installer
 from migrator.dest.pagetable import PageTable
 from migrator.dest.source_client import BulkStream, DemandStream, PageSource
 from migrator.stats import DestStats
+from migrator.wire import migration_pb2 as pb
+
+
+def _zstd_rate(sample: bytes) -> float:
+    """Bytes/s zstd level 1 compresses ``sample`` at, here."""
+    cctx = zstandard.ZstdCompressor(level=1)
+    t = time.perf_counter()
+    cctx.compress(sample)
+    return len(sample) / max(time.perf_counter() - t, 1e-9)
 
 
 class DemandChannel:
@@ -69,7 +80,8 @@ class Prefetcher:
         table: PageTable,
         zero_map: bytes,
         stats: DestStats,
-        codec: int,
+        compress: str,
+        peer_is_loopback: bool,
         batch_pages: int,
         on_error: Callable[[BaseException], None],
         delay_s: float = 0.0,
@@ -81,7 +93,10 @@ class Prefetcher:
         self.table = table
         self.zero_map = zero_map
         self.stats = stats
-        self.codec = codec
+        self.compress = compress
+        self.peer_is_loopback = peer_is_loopback
+        self.codec = pb.CODEC_ZSTD if policy.initial_codec(compress) == "zstd" else pb.CODEC_NONE
+        self.compression = policy.initial_codec(compress)  # what the summary reports
         self.batch_pages = batch_pages
         self.on_error = on_error
         self._stream: BulkStream | None = None
@@ -120,6 +135,8 @@ class Prefetcher:
                 if self._stop_evt.wait(self.delay_s):
                     return
                 self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0)
+            probe_t0 = 0.0
+            probe_bytes = 0
             for batch in self._stream.responses():
                 if batch.last:
                     break
@@ -129,10 +146,28 @@ class Prefetcher:
                     self.stats.raw_bytes += batch.raw_size
                     self.stats.bulk_batches += 1
                 inst.install(batch.first_page, batch.flags, data, "prefetch")
+                if self.compress == "auto" and probe_bytes >= 0:
+                    if probe_t0 == 0.0:
+                        probe_t0 = time.monotonic()  # rate measured from the first batch's arrival
+                    else:
+                        probe_bytes += len(batch.data)
+                    elapsed = time.monotonic() - probe_t0
+                    if probe_bytes >= policy.AUTO_PROBE_BYTES or (elapsed >= policy.AUTO_PROBE_SECONDS and probe_bytes):
+                        self._decide_codec(probe_bytes / elapsed, data)
+                        probe_bytes = -1
             self.finished_ns = time.perf_counter_ns()
         except BaseException as exc:  # noqa: BLE001
             if not self._stopping:
                 self.on_error(exc)
+
+    def _decide_codec(self, link_rate: float, sample: bytes) -> None:
+        """compress=auto: compare the measured link with this machine's compressor."""
+        zrate = _zstd_rate(sample) if sample else 0.0
+        on = policy.auto_wants_zstd(self.peer_is_loopback, link_rate, zrate)
+        where = "loopback" if self.peer_is_loopback else f"link {link_rate / 1e9:.3f} GB/s vs zstd {zrate / 1e9:.2f} GB/s"
+        self.compression = f"auto: {'zstd' if on else 'none'} ({where})"
+        if on and self._stream is not None:
+            self._stream.set_codec(pb.CODEC_ZSTD)
 
     def stop(self) -> None:
         self._stopping = True

@@ -142,9 +142,10 @@ class DestinationSession:
             zero_map = zstandard.ZstdDecompressor().decompress(manifest.zero_map_zstd, max_output_size=npages)
             if len(zero_map) != npages:
                 raise ProtocolError("zero map has the wrong length", got=len(zero_map), want=npages)
-            codec_name = policy.choose_codec(cfg.compress, _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True)
-            codec = pb.CODEC_ZSTD if codec_name == "zstd" else pb.CODEC_NONE
-            prefetcher = Prefetcher(src, installer, table, zero_map, stats, codec, cfg.batch_pages, self.fail, cfg.prefetch_delay)
+            loopback = _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True
+            prefetcher = Prefetcher(
+                src, installer, table, zero_map, stats, cfg.compress, loopback, cfg.batch_pages, self.fail, cfg.prefetch_delay
+            )
 
             def request(page: int, count: int) -> None:
                 assert demand is not None and prefetcher is not None
@@ -160,7 +161,6 @@ class DestinationSession:
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
             resumed = True
             out = Outcome(manifest, stats, guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
-            out.compression = codec_name
             out.tids = list(reply.get("tids", []))
             log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
             self._wait_all_present(table, out, on_progress)
@@ -179,6 +179,7 @@ class DestinationSession:
             guest.kill()
             uffd.close()
             raise
+        out.compression = prefetcher.compression
         faults.stop()
         prefetcher.stop()
         demand.stop()

@@ -65,6 +65,7 @@ class DemandStream(Protocol):
 
 class BulkStream(Protocol):
     def seek(self, page: int) -> None: ...
+    def set_codec(self, codec: int) -> None: ...
     def responses(self) -> Iterator[pb.PageBatch]: ...
     def close(self) -> None: ...
 
@@ -129,6 +130,9 @@ class GrpcDemandStream(_GrpcStream):
 class GrpcBulkStream(_GrpcStream):
     def seek(self, page: int) -> None:
         self._put(pb.StreamControl(seek_page=page))
+
+    def set_codec(self, codec: int) -> None:
+        self._put(pb.StreamControl(codec=pb.Codec.Name(codec)))
 
 
 class GrpcPageSource:

@@ -156,25 +156,39 @@ class SourceSession:
         first_ctl = next(controls, None)
         if first_ctl is None:
             return
-        codec = first_ctl.codec
-        if codec not in (pb.CODEC_NONE, pb.CODEC_ZSTD):
-            raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {codec}")
+        codec = [pb.CODEC_NONE]
+
+        def apply(ctl: pb.StreamControl) -> None:
+            if ctl.HasField("codec"):
+                if ctl.codec not in (pb.CODEC_NONE, pb.CODEC_ZSTD):
+                    raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"unknown codec {ctl.codec}")
+                codec[0] = ctl.codec
+            if ctl.HasField("seek_page"):
+                if ctl.seek_page >= self.npages:
+                    raise PhaseError(grpc.StatusCode.OUT_OF_RANGE, f"seek to page {ctl.seek_page} of {self.npages}")
+                pos[0] = ctl.seek_page
+
         batch_pages = first_ctl.batch_pages or DEFAULT_BATCH_PAGES
         if batch_pages > MAX_BATCH_PAGES:
             raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"batch of {batch_pages} pages > {MAX_BATCH_PAGES}")
-        pos = [min(first_ctl.seek_page, self.npages - 1)]
+        pos = [0]
+        apply(first_ctl)
+        bad: list[PhaseError] = []
 
         def follow() -> None:
             try:
                 for ctl in controls:
-                    if ctl.seek_page < self.npages:
-                        pos[0] = ctl.seek_page
+                    apply(ctl)
+            except PhaseError as exc:
+                bad.append(exc)
             except grpc.RpcError:
                 pass  # the stream ended; the generator below sees it too
 
         threading.Thread(target=follow, name="bulk-control", daemon=True).start()
         builder = BatchBuilder(reader, self._untouched, batch_pages)
         while True:
+            if bad:
+                raise bad[0]
             with self._lock:
                 p = self._need.find(0, pos[0])
                 if p < 0:
@@ -187,7 +201,7 @@ class SourceSession:
                 # bulk only takes pages never sent, so only demand can re-send
                 self._sent[p:end] = bytes(a | b for a, b in zip(include, self._sent[p:end]))
                 pos[0] = end
-            batch = builder.build(p, end - p, include, codec)
+            batch = builder.build(p, end - p, include, codec[0])
             self.stats.bulk_pages += batch.count - batch.flags.count(0)
             self.stats.bytes_sent += len(batch.data)
             yield batch
