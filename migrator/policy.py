@@ -20,6 +20,8 @@ def should_seek(target: int, current: int, since_last_s: float) -> bool:
 
 def runs_of(flags: bytes | bytearray, value: int, max_run: int) -> Iterator[tuple[int, int]]:
     """Yield (first, count) of maximal runs where flags[i] == value, split at max_run."""
+    if max_run < 1:
+        raise ValueError("max_run must be at least 1")
     n = len(flags)
     needle = bytes([value])
     i = flags.find(needle)

@@ -88,7 +88,8 @@ def probe() -> ProbeResult:
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(m)
     try:
-        features = uffd.api(abi.UFFD_FEATURE_THREAD_ID)
+        uffd.api(abi.UFFD_FEATURE_THREAD_ID)
+        features = uffd.supported
         addr = ctypes.addressof(anchor)
         uffd.register(addr, size)
         uffd.zeropage(addr, mmap.PAGESIZE)
@@ -100,4 +101,4 @@ def probe() -> ProbeResult:
         m.close()
         uffd.close()
     names = [n for bit, n in abi.FEATURE_NAMES.items() if features & bit]
-    return ProbeResult(True, f"userfaultfd ok: MISSING mode, COPY/ZEROPAGE/WAKE; features {' '.join(names)}")
+    return ProbeResult(True, f"userfaultfd ok: MISSING mode, COPY/ZEROPAGE/WAKE; kernel features {' '.join(names)}")

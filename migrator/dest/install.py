@@ -64,6 +64,14 @@ class Installer:
             )
         data = batch.data
         if batch.codec == pb.CODEC_ZSTD:
+            # python-zstandard trusts the frame's declared size over max_output_size:
+            # check the declared size first, so a hostile frame cannot make us allocate.
+            try:
+                declared = zstandard.frame_content_size(data)
+            except zstandard.ZstdError as exc:
+                raise ProtocolError(f"bad zstd frame: {exc}", first=first) from exc
+            if declared not in (-1, batch.raw_size):  # -1: not declared; max_output_size bounds it
+                raise ProtocolError("zstd frame size does not match the batch", first=first, declared=declared, want=batch.raw_size)
             try:
                 data = self._dctx.decompress(data, max_output_size=batch.raw_size)
             except zstandard.ZstdError as exc:
@@ -194,7 +202,10 @@ class Installer:
                 done += getattr(exc, "copied", 0) + ps  # skip the page that is already there
                 self.stats.add(kernel_eexist=1)
             except RetryLater as exc:
-                done += getattr(exc, "copied", 0)
+                copied = getattr(exc, "copied", 0)
+                done += copied
+                if copied:
+                    continue  # a run stopped early (e.g. at a present page): go on from there
                 tries += 1
                 self.stats.add(kernel_eagain=1)
                 if tries > MAX_EAGAIN:

@@ -90,18 +90,24 @@ class Userfaultfd:
     def __init__(self, fd: int) -> None:
         self.fd = fd
         self.features = 0
+        self.supported = 0
         self.closed = False
 
     # -- setup ------------------------------------------------------------
     def api(self, features: int = 0) -> int:
-        """UFFDIO_API handshake; returns the features the kernel enabled."""
+        """UFFDIO_API handshake; returns the features now enabled (the ones asked for).
+
+        The kernel answers with every feature it supports (kept in
+        ``self.supported``); it fails the call if one asked for is missing.
+        """
         arg = abi.uffdio_api(abi.UFFD_API, features, 0)
         try:
             fcntl.ioctl(self.fd, abi.UFFDIO_API, arg)
         except OSError as exc:
             raise uffd_error("UFFDIO_API", exc.errno, features=hex(features)) from exc
-        self.features = arg.features
-        return int(arg.features)
+        self.supported = int(arg.features)
+        self.features = features & self.supported
+        return self.features
 
     def register(self, start: int, length: int, mode: int = abi.UFFDIO_REGISTER_MODE_MISSING) -> int:
         """UFFDIO_REGISTER a range; returns the bitmask of allowed range ioctls."""
