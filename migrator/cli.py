@@ -45,6 +45,12 @@ def run() -> None:
         sys.exit(130)
 
 
+def _have_matplotlib() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("matplotlib") is not None
+
+
 def _fail(exc: MigratorError) -> None:
     click.echo(f"migrator: error: {exc}", err=True)
     sys.exit(exc.exit_code)
@@ -140,7 +146,8 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--check", is_flag=True, help="Only probe whether userfaultfd works here, then exit (0 = yes, 3 = no).")
 @click.option("--quiet", is_flag=True, help="No live progress.")
-def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, quiet: bool, no_verify: bool, **kw: Any) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG timeline here (needs the `plots` extra).")
+def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, quiet: bool, no_verify: bool, plot: str | None, **kw: Any) -> None:
     """Migrate the source's guest here, post-copy, and keep it running."""
     from migrator.probe import probe
 
@@ -155,7 +162,7 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
     cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
     stop = _stop_on_signals()
     try:
-        summary = run_destination(cfg, stop)
+        summary = run_destination(cfg, stop, plot)
     except MigratorError as exc:
         _fail(exc)
     click.echo(summary.to_json() if as_json else summary.to_text())
@@ -170,7 +177,9 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
 @click.option("--warmup", type=float, default=1.0, show_default=True, help="Seconds the guest runs on the source first.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No live progress.")
-def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: bool, **kw: Any) -> None:
+@click.option("--plot", type=click.Path(dir_okay=False), default=None,
+              help="Write a PNG timeline here (needs the `plots` extra; default migrator-demo.png when matplotlib is installed).")  # fmt: skip
+def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: bool, plot: str | None, **kw: Any) -> None:
     """Start a source and migrate its guest to a destination on this machine."""
     from migrator.probe import probe
     from migrator.runner import run_demo
@@ -182,10 +191,14 @@ def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: b
     cfg = DestConfig(source="127.0.0.1:0", run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
     stop = _stop_on_signals()
     try:
-        summary = run_demo(guest, cfg, warmup, stop)
+        if plot is None and _have_matplotlib():
+            plot = "migrator-demo.png"
+        summary = run_demo(guest, cfg, warmup, stop, plot)
     except MigratorError as exc:
         _fail(exc)
     click.echo(summary.to_json() if as_json else summary.to_text())
+    if not as_json and "timeline_png" in summary.extra:
+        click.echo(f"timeline        {summary.extra['timeline_png']}")
     if not summary.ok:
         sys.exit(5)
 
@@ -198,3 +211,38 @@ def check() -> None:
     result = probe()
     click.echo(result.message)
     sys.exit(0 if result.ok else 3)
+
+
+@main.command()
+@click.argument("scenario", type=click.Choice(["migrate-1g", "fault-latency", "wakeups", "bulk", "all"]))
+@click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True, help="Runs per configuration (medians are reported).")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True, help="Where JSON (and PNG) results go.")
+@click.option("--ram", type=SIZE, default=None, help="Guest RAM for the migration scenarios (default: the scenario's own).")
+def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
+    """Run a benchmark scenario several times; print medians (min–max) and write JSON.
+
+    \b
+    migrate-1g     1 GiB guest (40 % zero, 30 % text, 30 % random), two vCPUs writing, loopback
+    fault-latency  demand-fault latency with the bulk stream idle vs running
+    wakeups        fault storm: blocking read() vs EPOLLEXCLUSIVE, 1/2/4 fault threads
+    bulk           bulk-stream throughput with compression none / zstd / auto
+    """
+    from migrator.bench.scenarios import SCENARIOS
+    from migrator.bench.wakeups import wakeups
+    from migrator.probe import probe
+
+    result = probe()
+    if not result.ok:
+        _fail(result.error())
+    names = ["migrate-1g", "fault-latency", "wakeups", "bulk"] if scenario == "all" else [scenario]
+    for name in names:
+        click.echo(f"{name} ({runs} runs):", err=True)
+        fn = wakeups if name == "wakeups" else SCENARIOS[name]
+        kwargs = {"ram": ram} if ram and name != "wakeups" else {}
+        try:
+            res = fn(runs, out_dir, lambda m: click.echo(m, err=True), **kwargs)
+        except MigratorError as exc:
+            _fail(exc)
+        click.echo(f"{name}: median (min–max) of {runs} runs")
+        click.echo(res["text"])
+        click.echo(f"  JSON: {out_dir}/{name}.json")

@@ -11,7 +11,7 @@ import threading
 import time
 
 from migrator.config import DestConfig, GuestOptions
-from migrator.dest.session import DestinationSession, Progress
+from migrator.dest.session import DestinationSession, Outcome, Progress
 from migrator.errors import MigratorError, SourceUnreachable
 from migrator.report import build_summary
 from migrator.stats import Summary
@@ -43,7 +43,12 @@ class ProgressLine:
             sys.stderr.write("\n")
 
 
-def run_destination(cfg: DestConfig, stop: threading.Event) -> Summary:
+def run_destination(cfg: DestConfig, stop: threading.Event, plot: str | None = None) -> Summary:
+    summary, _out = run_destination_outcome(cfg, stop, plot)
+    return summary
+
+
+def run_destination_outcome(cfg: DestConfig, stop: threading.Event, plot: str | None = None) -> tuple[Summary, Outcome]:
     session = DestinationSession(cfg)
     show = ProgressLine(cfg.progress)
     try:
@@ -52,41 +57,64 @@ def run_destination(cfg: DestConfig, stop: threading.Event) -> Summary:
             session.run_after(out, cfg.run_for, stop, show)
         show.done()
         session.finish(out)
-        return build_summary(out)
+        summary = build_summary(out)
+        if plot:
+            from migrator.plot import write_timeline
+
+            summary.extra["timeline_png"] = write_timeline(out, plot)
+        return summary, out
     finally:
         session.close()
 
 
-def run_demo(guest: GuestOptions, cfg: DestConfig, warmup: float, stop: threading.Event) -> Summary:
-    """Start `migrator source` as its own process on a free port, then migrate here."""
-    with tempfile.TemporaryDirectory(prefix="migrator-demo-") as tmp:
-        ready = os.path.join(tmp, "ready.json")
+class DemoSource:
+    """`migrator source` as its own process on a free loopback port."""
+
+    def __init__(self, guest: GuestOptions, extra: list[str] | None = None) -> None:
+        self._tmp = tempfile.TemporaryDirectory(prefix="migrator-demo-")
+        ready = os.path.join(self._tmp.name, "ready.json")
         cmd = [sys.executable, "-m", "migrator", "source", "--listen", "127.0.0.1:0", "--ready-file", ready,
                "--ram", str(guest.ram), "--vcpus", str(guest.vcpus), "--workload", guest.workload,
                "--write-ratio", str(guest.write_ratio), "--zero-pct", str(guest.zero_pct),
-               "--text-pct", str(guest.text_pct), "--seed", str(guest.seed)]  # fmt: skip
-        src = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+               "--text-pct", str(guest.text_pct), "--seed", str(guest.seed)] + (extra or [])  # fmt: skip
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         try:
-            deadline = time.monotonic() + 120
+            deadline = time.monotonic() + 180
             while not os.path.exists(ready):
-                if src.poll() is not None:
-                    raise MigratorError("the demo's source exited before it was ready", exit=src.returncode)
+                if self.proc.poll() is not None:
+                    raise MigratorError("the source exited before it was ready", exit=self.proc.returncode)
                 if time.monotonic() > deadline:
-                    raise SourceUnreachable("the demo's source did not become ready")
+                    raise SourceUnreachable("the source did not become ready")
                 time.sleep(0.05)
             with open(ready) as f:
-                info = json.load(f)
-            if cfg.progress:
-                sys.stderr.write(f"demo: source ready at {info['address']}, guest running for {warmup:g}s before migration\n")
-            time.sleep(warmup)
-            dcfg = DestConfig(**{**cfg.__dict__, "source": info["address"]})
-            summary = run_destination(dcfg, stop)
-            src.wait(timeout=30)
-            return summary
-        finally:
-            if src.poll() is None:
-                src.terminate()
-                try:
-                    src.wait(timeout=10)
-                except subprocess.TimeoutExpired:
-                    src.kill()
+                self.info = json.load(f)
+        except BaseException:
+            self.close()
+            raise
+        self.address: str = self.info["address"]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._tmp.cleanup()
+
+
+def run_demo(guest: GuestOptions, cfg: DestConfig, warmup: float, stop: threading.Event, plot: str | None = None) -> Summary:
+    """Start `migrator source` as its own process on a free port, then migrate here."""
+    src = DemoSource(guest)
+    try:
+        if cfg.progress:
+            sys.stderr.write(f"demo: source ready at {src.address}, guest running for {warmup:g}s before migration\n")
+        time.sleep(warmup)
+        dcfg = DestConfig(**{**cfg.__dict__, "source": src.address})
+        summary = run_destination(dcfg, stop, plot)
+        src.proc.wait(timeout=30)
+        return summary
+    finally:
+        src.close()
+

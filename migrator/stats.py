@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -45,6 +46,11 @@ class DestStats:
     wire_bytes: int = 0
     raw_bytes: int = 0
     fault_latency_ns: list[int] = field(default_factory=list)
+    fault_done_ns: list[int] = field(default_factory=list)  # perf_counter_ns when each fault was resolved
+    bulk_started_ns: int = 0  # perf_counter_ns of the first and last bulk batch
+    bulk_finished_ns: int = 0
+    # one (time.time_ns, perf_counter_ns) pair taken together: maps the two clocks
+    clock_ref: tuple[int, int] = field(default_factory=lambda: (time.time_ns(), time.perf_counter_ns()))
     blocked_ns_by_tid: dict[int, int] = field(default_factory=dict)
     timeline: list[tuple[int, str, int, int]] = field(default_factory=list)  # (t_ns, kind, pages, latency_ns)
 
@@ -52,6 +58,17 @@ class DestStats:
         with self.lock:
             for k, v in kw.items():
                 setattr(self, k, getattr(self, k) + v)
+
+    def record_resolved(self, woken: list[tuple[int, int, int]], now: int) -> None:
+        """Faults resolved at ``now`` (perf_counter_ns): latency and per-thread blocked time.
+
+        Caller holds ``lock``.
+        """
+        for _page, t_fault, tid in woken:
+            lat = now - t_fault
+            self.fault_latency_ns.append(lat)
+            self.fault_done_ns.append(now)
+            self.blocked_ns_by_tid[tid] = self.blocked_ns_by_tid.get(tid, 0) + lat
 
 
 @dataclass

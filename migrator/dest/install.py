@@ -133,10 +133,7 @@ class Installer:
                 st.pages_prefetch += n_data
             st.pages_zero += n_zero
             st.duplicates += received - won
-            for _page, t_fault, tid in woken:
-                lat = now - t_fault
-                st.fault_latency_ns.append(lat)
-                st.blocked_ns_by_tid[tid] = st.blocked_ns_by_tid.get(tid, 0) + lat
+            st.record_resolved(woken, now)
             st.timeline.append((now, channel, won, 0))
         return won
 
@@ -164,10 +161,7 @@ class Installer:
         with self.stats.lock:
             self.stats.pages_zero += 1
             self.stats.pages_zero_local += 1
-            for _p, t_fault, tid in woken:
-                lat = now - t_fault
-                self.stats.fault_latency_ns.append(lat)
-                self.stats.blocked_ns_by_tid[tid] = self.stats.blocked_ns_by_tid.get(tid, 0) + lat
+            self.stats.record_resolved(woken, now)
             self.stats.timeline.append((now, "zero", 1, 0))
 
     def install_zero_range(self, first: int, count: int) -> int:

@@ -145,6 +145,8 @@ class Prefetcher:
                     self.stats.wire_bytes += len(batch.data)
                     self.stats.raw_bytes += batch.raw_size
                     self.stats.bulk_batches += 1
+                    if not self.stats.bulk_started_ns:
+                        self.stats.bulk_started_ns = time.perf_counter_ns()
                 inst.install(batch.first_page, batch.flags, data, "prefetch")
                 if self.compress == "auto" and probe_bytes >= 0:
                     if probe_t0 == 0.0:
@@ -155,7 +157,7 @@ class Prefetcher:
                     if probe_bytes >= policy.AUTO_PROBE_BYTES or (elapsed >= policy.AUTO_PROBE_SECONDS and probe_bytes):
                         self._decide_codec(probe_bytes / elapsed, data)
                         probe_bytes = -1
-            self.finished_ns = time.perf_counter_ns()
+            self.finished_ns = self.stats.bulk_finished_ns = time.perf_counter_ns()
         except BaseException as exc:  # noqa: BLE001
             if not self._stopping:
                 self.on_error(exc)

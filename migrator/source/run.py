@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import threading
 from dataclasses import asdict
 from typing import Any
@@ -15,9 +16,13 @@ from migrator.guest import GuestProcess, GuestSpec
 from migrator.source.server import SourceSession, serve
 
 log = logging.getLogger("migrator.source")
+SWITCH_INTERVAL_S = float(os.environ.get("MIGRATOR_SWITCH_INTERVAL", "0.0002"))
 
 
 def run_source(cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    # The bulk stream's thread would hold the GIL for up to the default 5 ms
+    # switch interval while a demand request waits: switch often.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     g = cfg.guest
     guest = GuestProcess(
         GuestSpec(ram=g.ram, vcpus=g.vcpus, workload=g.workload, write_ratio=g.write_ratio,

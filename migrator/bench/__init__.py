@@ -1,0 +1,1 @@
+"""`migrator bench SCENARIO`: repeatable measurements, printed as tables and written as JSON."""
