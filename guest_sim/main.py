@@ -172,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.getppid() == 1:
         return EXIT_MONITOR_GONE
     sys.setswitchinterval(args.switch_interval)
+    # Like a VM process: the terminal's Ctrl-C is for the monitor, which stops us.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     guest = Guest(args)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.connect(args.control)

@@ -69,7 +69,8 @@ class GuestProcess:
         if spec.incoming:
             cmd.append("--incoming")
         env = dict(os.environ, **spec.extra_env)
-        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL)
+        # its own session: a Ctrl-C in the terminal is for the monitor, not the VM
+        self.proc = subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True)
         self._lock = threading.Lock()
         try:
             self.sock = self._accept(lsock, connect_timeout)
@@ -169,6 +170,8 @@ class GuestProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             return None
+        finally:
+            self.close()
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -69,7 +69,8 @@ class DemandChannel:
     def stop(self) -> None:
         self._stopping = True
         self._stream.close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
 
 
 class Prefetcher:
@@ -176,4 +177,5 @@ class Prefetcher:
         self._stop_evt.set()
         if self._stream is not None:
             self._stream.close()
-        self._thread.join(timeout=5)
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)

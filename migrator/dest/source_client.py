@@ -43,6 +43,8 @@ CHANNEL_OPTIONS = [
 def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code == grpc.StatusCode.ABORTED:
+        return TransportError(f"{what}: {details}", status=code.name)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return SourceUnreachable(f"source unreachable during {what}: {details}", status=code.name)
     if code in (

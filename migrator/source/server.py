@@ -24,6 +24,7 @@ import grpc
 import zstandard
 
 from migrator import PROTOCOL_VERSION
+from migrator.errors import MigratorError
 from migrator.guest import GuestProcess
 from migrator.source.batches import BatchBuilder
 from migrator.source.ram_reader import RamReader
@@ -292,6 +293,10 @@ def _call(context: grpc.ServicerContext, fn):  # type: ignore[no-untyped-def]
         return fn()
     except PhaseError as exc:
         context.abort(exc.code, str(exc))
+    except MigratorError as exc:
+        # e.g. the source guest died: the peer gets one precise status, we log one line
+        log.error("%s", exc)
+        context.abort(grpc.StatusCode.ABORTED, f"source failed: {exc}")
 
 
 def _stream(context: grpc.ServicerContext, fn):  # type: ignore[no-untyped-def]
@@ -299,6 +304,9 @@ def _stream(context: grpc.ServicerContext, fn):  # type: ignore[no-untyped-def]
         yield from fn()
     except PhaseError as exc:
         context.abort(exc.code, str(exc))
+    except MigratorError as exc:
+        log.error("%s", exc)
+        context.abort(grpc.StatusCode.ABORTED, f"source failed: {exc}")
 
 
 def serve(session: SourceSession, listen: str, *, workers: int = 8) -> tuple[grpc.Server, int]:
