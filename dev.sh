@@ -4,6 +4,7 @@
 #   ./dev.sh demo [ARGS]   install into .venv and run `migrator demo` (built-in defaults)
 #   ./dev.sh test [ARGS]   install into .venv (with test tools) and run the test suite
 #   ./dev.sh bench ARGS    install and run `migrator bench`
+#   ./dev.sh install       only install into .venv (what docker/Dockerfile runs)
 #
 # Works on a fresh Debian 12 machine as root: missing system packages (venv,
 # a C compiler for the ABI test, iproute2 for the two-host tests) are
@@ -39,6 +40,7 @@ cmd="${1:-demo}"; shift || true
 case "$cmd" in
     demo)  exec "$VENV/bin/migrator" demo "$@" ;;
     bench) exec "$VENV/bin/migrator" bench "$@" ;;
+    install) echo "installed: $VENV/bin/migrator" ;;
     test)
         set +e
         "$VENV/bin/python" -m pytest "$@"
@@ -46,5 +48,5 @@ case "$cmd" in
         # pytest exits 5 when no test ran: that is a failure too.
         [[ $rc -eq 5 ]] && { echo "dev.sh: no test ran" >&2; exit 1; }
         exit $rc ;;
-    *) echo "usage: ./dev.sh demo|test|bench [ARGS]" >&2; exit 2 ;;
+    *) echo "usage: ./dev.sh demo|test|bench|install [ARGS]" >&2; exit 2 ;;
 esac

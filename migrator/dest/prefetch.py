@@ -28,6 +28,9 @@ from migrator.stats import DestStats
 from migrator.wire import migration_pb2 as pb
 
 
+ZERO_RUNS_PER_BATCH = 16
+
+
 def _zstd_rate(sample: bytes) -> float:
     """Bytes/s zstd level 1 compresses ``sample`` at, here."""
     cctx = zstandard.ZstdCompressor(level=1)
@@ -120,16 +123,23 @@ class Prefetcher:
             self._seek_pos = page + count
             self._stream.seek(page + count)
 
-    def _install_zero_map(self) -> None:
-        zm = self.zero_map
-        for first, count in policy.runs_of(zm, 1, max_run=4096):
+    def _install_zero_runs(self, limit: int) -> None:
+        """Map up to ``limit`` runs of never-touched pages (all if limit < 0).
+
+        Interleaved with the bulk batches so data starts flowing at once; until
+        mapped, a fault on such a page is resolved locally by the fault thread.
+        """
+        for first, count in self._zero_runs:
             if self._stopping:
                 return
             self.installer.install_zero_range(first, count)
+            limit -= 1
+            if limit == 0:
+                return
 
     def _run(self) -> None:
         try:
-            self._install_zero_map()
+            self._zero_runs = policy.runs_of(self.zero_map, 1, max_run=4096)
             inst = self.installer
             if self._stream is None:
                 # bulk held back (fault-latency measurements with an idle bulk channel)
@@ -149,6 +159,7 @@ class Prefetcher:
                     if not self.stats.bulk_started_ns:
                         self.stats.bulk_started_ns = time.perf_counter_ns()
                 inst.install(batch.first_page, batch.flags, data, "prefetch")
+                self._install_zero_runs(ZERO_RUNS_PER_BATCH)
                 if self.compress == "auto" and probe_bytes >= 0:
                     if probe_t0 == 0.0:
                         probe_t0 = time.monotonic()  # rate measured from the first batch's arrival
@@ -158,6 +169,7 @@ class Prefetcher:
                     if probe_bytes >= policy.AUTO_PROBE_BYTES or (elapsed >= policy.AUTO_PROBE_SECONDS and probe_bytes):
                         self._decide_codec(probe_bytes / elapsed, data)
                         probe_bytes = -1
+            self._install_zero_runs(-1)
             self.finished_ns = self.stats.bulk_finished_ns = time.perf_counter_ns()
         except BaseException as exc:  # noqa: BLE001
             if not self._stopping:

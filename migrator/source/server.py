@@ -39,6 +39,14 @@ DEFAULT_BATCH_PAGES = 256
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
+    # notice a vanished destination (a send blocked on a dead link would
+    # otherwise keep the process from exiting), and accept the destination's
+    # 1 s keepalive pings instead of answering them with GOAWAY
+    ("grpc.keepalive_time_ms", 1000),
+    ("grpc.keepalive_timeout_ms", 2000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
+    ("grpc.http2.max_ping_strikes", 0),
 ]
 
 
