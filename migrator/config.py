@@ -52,3 +52,5 @@ class DestConfig:
     progress: bool = True
     verify: bool = True  # pause the guest after completion and let it check every page
     prefetch_delay: float = 0.0  # seconds before the bulk stream starts (0 = at once)
+    # nice value of the guest's vCPUs while pages are missing (0 = leave alone); restored after
+    guest_nice: int = 10

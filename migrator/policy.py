@@ -52,3 +52,25 @@ def auto_wants_zstd(peer_is_loopback: bool, link_bytes_per_s: float, zstd_bytes_
     if peer_is_loopback:
         return False
     return link_bytes_per_s < 0.8 * zstd_bytes_per_s
+
+
+_OTHERS = {v: tuple(bytes([o]) for o in range(3) if o != v) for v in range(3)}
+
+
+def value_runs(kind: bytes | bytearray) -> Iterator[tuple[int, int, int]]:
+    """Yield (value, start, end) for maximal runs of equal bytes in ``kind`` (values 0-2).
+
+    Run ends are found with bytes.find, so a long run costs one C-level scan,
+    not a Python step per page.
+    """
+    n = len(kind)
+    i = 0
+    while i < n:
+        v = kind[i]
+        end = n
+        for other in _OTHERS[v]:
+            j = kind.find(other, i)
+            if 0 <= j < end:
+                end = j
+        yield v, i, end
+        i = end

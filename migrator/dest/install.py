@@ -19,6 +19,7 @@ from collections.abc import Sequence
 
 import zstandard
 
+from migrator import policy
 from migrator.dest.pagetable import PageTable
 from migrator.errors import IntegrityError, PageExists, ProtocolError, RetryLater
 from migrator.stats import DestStats
@@ -48,8 +49,8 @@ class Installer:
         self._dctx = zstandard.ZstdDecompressor()
 
     # -- validation ------------------------------------------------------------
-    def decode(self, batch: pb.PageBatch) -> bytes:
-        """Validate a batch and return its raw data; raises ProtocolError."""
+    def decode(self, batch: pb.PageBatch) -> tuple[int, bytes]:
+        """Validate a batch; returns (bytes on the wire, raw page data); raises ProtocolError."""
         first, count, flags = batch.first_page, batch.count, batch.flags
         if count == 0 or first >= self.npages or first + count > self.npages:
             raise ProtocolError("batch outside guest RAM", first=first, count=count, pages=self.npages)
@@ -62,7 +63,8 @@ class Installer:
             raise ProtocolError(
                 "batch data does not match its flags", first=first, data_pages=ndata, crcs=len(batch.crc32), raw=batch.raw_size
             )
-        data = batch.data
+        data = batch.data  # one copy out of the message; take it once
+        wire = len(data)
         if batch.codec == pb.CODEC_ZSTD:
             # python-zstandard trusts the frame's declared size over max_output_size:
             # check the declared size first, so a hostile frame cannot make us allocate.
@@ -82,12 +84,12 @@ class Installer:
             raise ProtocolError("truncated or oversized batch data", first=first, got=len(data), want=batch.raw_size)
         ps = self.ps
         mv = memoryview(data)
-        crcs = batch.crc32
+        crcs = list(batch.crc32)
         for k in range(ndata):
             if zlib.crc32(mv[k * ps : (k + 1) * ps]) != crcs[k]:
                 page = first + _nth_data_index(flags, k)
                 raise IntegrityError("page failed its checksum", page=page)
-        return data
+        return wire, data
 
     # -- installing -------------------------------------------------------------
     def install(self, first: int, flags: bytes, data: bytes, channel: str) -> int:
@@ -96,30 +98,20 @@ class Installer:
         n = len(flags)
         received = n - flags.count(FLAG_OMITTED)
         won = mine.count(1)
+        # what to do per page: the flag where the page is ours, else 0 (skip)
+        kind = flags if won == n else bytes(f if m else 0 for f, m in zip(flags, mine))
         src = buffer_address(data)
         ps = self.ps
-        i = 0
-        d = 0  # index of page i among the batch's data pages
         n_data = n_zero = 0
         try:
-            while i < n:
-                f = flags[i]
-                if not mine[i]:
-                    d += f == FLAG_DATA
-                    i += 1
-                    continue
-                j = i + 1
-                while j < n and mine[j] and flags[j] == f:
-                    j += 1
-                dst = self.base + (first + i) * ps
-                if f == FLAG_DATA:
-                    self._copy_run(dst, src + d * ps, (j - i) * ps)
-                    d += j - i
+            for value, i, j in policy.value_runs(kind):
+                if value == FLAG_DATA:
+                    d = flags.count(FLAG_DATA, 0, i)  # page i's index among the data pages
+                    self._copy_run(self.base + (first + i) * ps, src + d * ps, (j - i) * ps)
                     n_data += j - i
-                else:
-                    self._zero_run(dst, (j - i) * ps)
+                elif value == FLAG_ZERO:
+                    self._zero_run(self.base + (first + i) * ps, (j - i) * ps)
                     n_zero += j - i
-                i = j
         except BaseException:
             self.table.unclaim(first, mine)
             raise

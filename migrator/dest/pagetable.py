@@ -24,6 +24,7 @@ import threading
 import time
 
 MISSING, REQUESTED, INSTALLING, PRESENT = 0, 1, 2, 3
+_INSTALLING, _PRESENT, _ONE = bytes([INSTALLING]), bytes([PRESENT]), b"\x01"
 
 
 class PageTable:
@@ -67,9 +68,14 @@ class PageTable:
         ``flags[i]`` nonzero means the caller holds page ``first+i``'s contents.
         """
         n = len(flags)
-        mine = bytearray(n)
         with self._lock:
             st = self.state
+            seg = st[first : first + n]
+            if not seg.count(INSTALLING) and not seg.count(PRESENT) and not flags.count(0):
+                # the common case, at C speed: every page is ours
+                st[first : first + n] = _INSTALLING * n
+                return bytearray(_ONE * n)
+            mine = bytearray(n)
             for i in range(n):
                 if flags[i] and st[first + i] < INSTALLING:
                     st[first + i] = INSTALLING
@@ -88,16 +94,21 @@ class PageTable:
     def installed(self, first: int, mine: bytes | bytearray) -> list[tuple[int, int, int]]:
         """Mark claimed pages PRESENT; returns (page, fault_time_ns, ptid) of waited-on pages."""
         woken = []
+        n = len(mine)
         with self._lock:
             st = self.state
-            k = 0
-            for i, m in enumerate(mine):
-                if m:
-                    st[first + i] = PRESENT
-                    k += 1
-                    w = self.waiting.pop(first + i, None) if self.waiting else None
-                    if w is not None:
-                        woken.append((first + i, w[0], w[1]))
+            k = mine.count(1)
+            if k == n:
+                st[first : first + n] = _PRESENT * n
+            else:
+                for i, m in enumerate(mine):
+                    if m:
+                        st[first + i] = PRESENT
+            # few vCPUs wait at any time: walk the waiters, not the pages
+            if self.waiting:
+                for page in [p for p in self.waiting if first <= p < first + n and mine[p - first]]:
+                    t, tid = self.waiting.pop(page)
+                    woken.append((page, t, tid))
             self.present += k
             if self.present == self.npages:
                 self.all_present.set()

@@ -60,9 +60,9 @@ class DemandChannel:
         try:
             inst = self.installer
             for batch in self._stream.responses():
-                data = inst.decode(batch)
+                wire, data = inst.decode(batch)
                 with self.stats.lock:
-                    self.stats.wire_bytes += len(batch.data)
+                    self.stats.wire_bytes += wire
                     self.stats.raw_bytes += batch.raw_size
                 inst.install(batch.first_page, batch.flags, data, "demand")
         except BaseException as exc:  # noqa: BLE001
@@ -151,9 +151,9 @@ class Prefetcher:
             for batch in self._stream.responses():
                 if batch.last:
                     break
-                data = inst.decode(batch)
+                wire, data = inst.decode(batch)
                 with self.stats.lock:
-                    self.stats.wire_bytes += len(batch.data)
+                    self.stats.wire_bytes += wire
                     self.stats.raw_bytes += batch.raw_size
                     self.stats.bulk_batches += 1
                     if not self.stats.bulk_started_ns:
@@ -164,7 +164,7 @@ class Prefetcher:
                     if probe_t0 == 0.0:
                         probe_t0 = time.monotonic()  # rate measured from the first batch's arrival
                     else:
-                        probe_bytes += len(batch.data)
+                        probe_bytes += wire
                     elapsed = time.monotonic() - probe_t0
                     if probe_bytes >= policy.AUTO_PROBE_BYTES or (elapsed >= policy.AUTO_PROBE_SECONDS and probe_bytes):
                         self._decide_codec(probe_bytes / elapsed, data)
