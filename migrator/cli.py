@@ -214,7 +214,7 @@ def check() -> None:
 
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["migrate-1g", "fault-latency", "wakeups", "bulk", "all"]))
+@click.argument("scenario", type=click.Choice(["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms", "all"]))
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True, help="Runs per configuration (medians are reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True, help="Where JSON (and PNG) results go.")
 @click.option("--ram", type=SIZE, default=None, help="Guest RAM for the migration scenarios (default: the scenario's own).")
@@ -226,7 +226,9 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
     fault-latency  demand-fault latency with the bulk stream idle vs running
     wakeups        fault storm: blocking read() vs EPOLLEXCLUSIVE, 1/2/4 fault threads
     bulk           bulk-stream throughput with compression none / zstd / auto
+    grpc-forms     the transport alone: sync unary / sync stream / asyncio stream, 1 or 2 bulk streams
     """
+    from migrator.bench.grpc_forms import grpc_forms
     from migrator.bench.scenarios import SCENARIOS
     from migrator.bench.wakeups import wakeups
     from migrator.probe import probe
@@ -234,11 +236,11 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
     result = probe()
     if not result.ok:
         _fail(result.error())
-    names = ["migrate-1g", "fault-latency", "wakeups", "bulk"] if scenario == "all" else [scenario]
+    names = ["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms"] if scenario == "all" else [scenario]
     for name in names:
         click.echo(f"{name} ({runs} runs):", err=True)
-        fn = wakeups if name == "wakeups" else SCENARIOS[name]
-        kwargs = {"ram": ram} if ram and name != "wakeups" else {}
+        fn = {"wakeups": wakeups, "grpc-forms": grpc_forms}.get(name) or SCENARIOS[name]
+        kwargs = {"ram": ram} if ram and name in SCENARIOS else {}
         try:
             res = fn(runs, out_dir, lambda m: click.echo(m, err=True), **kwargs)
         except MigratorError as exc:
