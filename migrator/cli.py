@@ -129,7 +129,7 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
         click.option("--window", "demand_window", type=click.IntRange(1, 256), default=4, show_default=True, help="Pages fetched per demand fault."),
         click.option("--compress", type=click.Choice(["auto", "none", "zstd"]), default="auto", show_default=True,
                      help="Bulk stream compression; auto = off on loopback, on otherwise."),  # fmt: skip
-        click.option("--batch-pages", type=click.IntRange(1, 1024), default=256, show_default=True),
+        click.option("--batch-pages", type=click.IntRange(1, 1024), default=512, show_default=True, help="Pages per bulk message (512 = 2 MiB)."),
         click.option("--no-verify", is_flag=True, help="Skip the guest's full self-check at the end."),
     ]
     if override:

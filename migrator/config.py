@@ -45,7 +45,7 @@ class DestConfig:
     fault_threads: int = 2
     demand_window: int = policy.DEFAULT_DEMAND_WINDOW
     compress: str = "auto"  # auto | none | zstd
-    batch_pages: int = 256
+    batch_pages: int = 512
     run_for: float | None = None  # seconds after completion; None = until Ctrl-C
     write_ratio: float | None = None  # override the guest's write ratio on the destination
     connect_timeout: float = 5.0

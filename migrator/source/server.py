@@ -35,7 +35,7 @@ log = logging.getLogger("migrator.source")
 
 MAX_DEMAND_PAGES = 256
 MAX_BATCH_PAGES = 1024
-DEFAULT_BATCH_PAGES = 256
+DEFAULT_BATCH_PAGES = 512
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
