@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -236,6 +237,10 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
     result = probe()
     if not result.ok:
         _fail(result.error())
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot create {out_dir}: {exc.strerror}", param_hint="--out") from None
     names = ["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms"] if scenario == "all" else [scenario]
     for name in names:
         click.echo(f"{name} ({runs} runs):", err=True)

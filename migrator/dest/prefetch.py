@@ -24,6 +24,7 @@ from migrator import policy
 from migrator.dest.install import Installer
 from migrator.dest.pagetable import PageTable
 from migrator.dest.source_client import BulkStream, DemandStream, PageSource
+from migrator.errors import ProtocolError
 from migrator.stats import DestStats
 from migrator.wire import migration_pb2 as pb
 
@@ -45,6 +46,9 @@ class DemandChannel:
         self.stats = stats
         self.on_error = on_error
         self._ids = itertools.count(1)
+        # request id -> (first page, count) of requests not yet answered; dict
+        # operations are atomic, and each id is written by one thread, read by one
+        self._outstanding: dict[int, tuple[int, int]] = {}
         self._stream: DemandStream = source.open_demand()
         self._thread = threading.Thread(target=self._run, name="demand-rx", daemon=True)
         self._stopping = False
@@ -53,13 +57,21 @@ class DemandChannel:
         self._thread.start()
 
     def request(self, first: int, count: int) -> None:
-        self._stream.request(next(self._ids), first, count)
+        rid = next(self._ids)
+        self._outstanding[rid] = (first, count)  # before sending: the reply may be fast
+        self._stream.request(rid, first, count)
         self.stats.add(demand_requests=1)
 
     def _run(self) -> None:
         try:
             inst = self.installer
             for batch in self._stream.responses():
+                asked = self._outstanding.pop(batch.request_id, None)
+                if asked != (batch.first_page, batch.count):
+                    raise ProtocolError(
+                        "demand reply for pages that were not asked for",
+                        request_id=batch.request_id, first=batch.first_page, count=batch.count, asked=asked,
+                    )  # fmt: skip
                 wire, data = inst.decode(batch)
                 with self.stats.lock:
                     self.stats.wire_bytes += wire
