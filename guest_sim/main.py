@@ -22,7 +22,6 @@ import random
 import signal
 import socket
 import sys
-import threading
 import time
 from typing import Any
 

@@ -33,7 +33,6 @@ from typing import Any
 
 import zstandard
 
-from migrator import policy
 from migrator.config import DestConfig
 from migrator.dest.fault import FaultHandler, FaultThreads
 from migrator.dest.install import Installer
