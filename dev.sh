@@ -27,7 +27,8 @@ if ((${#need_apt[@]})); then
 fi
 
 extra=""
-[[ "${1:-}" == test || "${1:-}" == bench ]] && extra="[dev]"
+[[ "${1:-}" == test ]] && extra="[dev]"
+[[ "${1:-}" == bench ]] && extra="[dev,plots]"  # the benchmark draws its timeline
 stamp="$VENV/.installed$extra"
 if [[ ! -x "$VENV/bin/python" ]]; then python3 -m venv "$VENV"; fi
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
