@@ -17,9 +17,14 @@ from typing import Any
 
 import click
 
+# gRPC's C core logs TLS handshake failures and the like on stderr at INFO;
+# our one-line errors say it better.  Must be set before grpc is imported.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+
 from migrator import __version__
 from migrator.config import DestConfig, GuestOptions, SourceConfig, parse_size
 from migrator.errors import MigratorError
+from migrator.security import TlsFiles, load_secret
 
 
 class SizeType(click.ParamType):
@@ -78,6 +83,28 @@ def main(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(name)s: %(message)s")
 
 
+def security_options(f: Any, *, side: str) -> Any:
+    opts = [
+        click.option("--secret-file", type=click.Path(dir_okay=False),
+                     help=("The migration's secret; created (mode 0600) if missing. Default: $MIGRATOR_SECRET, "
+                           "else a new secret is printed." if side == "source" else
+                           "The migration's secret (as the source has it). Default: $MIGRATOR_SECRET.")),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False),
+                     help="TLS certificate (PEM) of this side." + (" Enables TLS." if side == "source" else " For mutual TLS.")),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), help="Private key (PEM) of --tls-cert."),
+        click.option("--tls-ca", type=click.Path(exists=True, dir_okay=False),
+                     help=("CA (PEM) that client certificates must chain to: mutual TLS." if side == "source" else
+                           "CA (PEM) to verify the source's certificate; enables TLS.")),
+    ]  # fmt: skip
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _tls(kw: dict[str, Any]) -> TlsFiles:
+    return TlsFiles(cert=kw.pop("tls_cert"), key=kw.pop("tls_key"), ca=kw.pop("tls_ca"))
+
+
 def guest_options(f: Any) -> Any:
     opts = [
         click.option("--ram", type=SIZE, default="256MiB", show_default=True, help="Guest RAM size."),
@@ -105,11 +132,14 @@ def _guest(kw: dict[str, Any]) -> GuestOptions:
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write {address, guest_pid} as JSON here once listening.")
 @click.option("--keep-guest", is_flag=True, help="After completion keep the paused guest until stopped.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
-def source(listen: str, ready_file: str | None, keep_guest: bool, as_json: bool, **kw: Any) -> None:
+@lambda f: security_options(f, side="source")
+def source(listen: str, ready_file: str | None, keep_guest: bool, as_json: bool, secret_file: str | None, **kw: Any) -> None:
     """Start a guest and serve its memory to one destination."""
     from migrator.source.run import run_source
 
-    cfg = SourceConfig(listen=listen, guest=_guest(kw), ready_file=ready_file, keep_guest=keep_guest, json=as_json)
+    tls = _tls(kw)
+    cfg = SourceConfig(listen=listen, guest=_guest(kw), ready_file=ready_file, keep_guest=keep_guest, json=as_json,
+                       secret_file=secret_file, tls=tls)  # fmt: skip
     stop = _stop_on_signals()
     try:
         result = run_source(cfg, stop, say=lambda m: click.echo(m, err=True))
@@ -148,7 +178,9 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
 @click.option("--check", is_flag=True, help="Only probe whether userfaultfd works here, then exit (0 = yes, 3 = no).")
 @click.option("--quiet", is_flag=True, help="No live progress.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG timeline here (needs the `plots` extra).")
-def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, quiet: bool, no_verify: bool, plot: str | None, **kw: Any) -> None:
+@lambda f: security_options(f, side="dest")
+def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, quiet: bool, no_verify: bool, plot: str | None,
+         secret_file: str | None, **kw: Any) -> None:  # fmt: skip
     """Migrate the source's guest here, post-copy, and keep it running."""
     from migrator.probe import probe
 
@@ -160,7 +192,12 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
         _fail(result.error())
     from migrator.runner import run_destination
 
-    cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
+    tls = _tls(kw)
+    try:
+        secret, _ = load_secret(secret_file, create=False)
+    except MigratorError as exc:
+        _fail(exc)
+    cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, secret=secret, tls=tls, **kw)
     stop = _stop_on_signals()
     try:
         summary = run_destination(cfg, stop, plot)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from migrator import policy
+from migrator.security import ENV_SECRET, TlsFiles
 
 _UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20, "mb": 1000**2,
           "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3}  # fmt: skip
@@ -37,6 +39,8 @@ class SourceConfig:
     ready_file: str | None = None
     keep_guest: bool = False  # after completion keep the paused guest until stopped (tests, roll-back)
     json: bool = False
+    secret_file: str | None = None  # else $MIGRATOR_SECRET, else a new one is printed
+    tls: TlsFiles = TlsFiles()
 
 
 @dataclass(frozen=True)
@@ -54,3 +58,5 @@ class DestConfig:
     prefetch_delay: float = 0.0  # seconds before the bulk stream starts (0 = at once)
     # nice value of the guest's vCPUs while pages are missing (0 = leave alone); restored after
     guest_nice: int = 10
+    secret: str | None = field(default_factory=lambda: os.environ.get(ENV_SECRET) or None, repr=False)
+    tls: TlsFiles = TlsFiles()

@@ -5,7 +5,8 @@
     MigratorError                     exit code 1 unless a subclass says otherwise
     ├── UnsupportedHost               3  userfaultfd cannot be used here (probe says why)
     ├── TransportError                4  the peer cannot be reached, or went away
-    │   └── SourceUnreachable         4
+    │   ├── SourceUnreachable         4
+    │   └── AuthError                 8  the peer refused our secret or certificate
     ├── ProtocolError                 6  the peer sent something we refuse (version,
     │   │                                size, checksum, a page we did not ask for)
     │   └── IntegrityError            6  a page failed its checksum
@@ -55,6 +56,10 @@ class TransportError(MigratorError):
 
 class SourceUnreachable(TransportError):
     pass
+
+
+class AuthError(TransportError):
+    exit_code = 8
 
 
 class ProtocolError(MigratorError):

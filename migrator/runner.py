@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -13,6 +14,7 @@ import time
 from migrator.config import DestConfig, GuestOptions
 from migrator.dest.session import DestinationSession, Outcome, Progress
 from migrator.errors import MigratorError, SourceUnreachable
+from migrator.security import ENV_SECRET
 from migrator.report import build_summary
 from migrator.stats import Summary
 
@@ -70,14 +72,16 @@ def run_destination_outcome(cfg: DestConfig, stop: threading.Event, plot: str | 
 class DemoSource:
     """`migrator source` as its own process on a free loopback port."""
 
-    def __init__(self, guest: GuestOptions, extra: list[str] | None = None) -> None:
+    def __init__(self, guest: GuestOptions, extra: list[str] | None = None, secret: str | None = None) -> None:
+        self.secret = secret or os.environ.get(ENV_SECRET) or secrets.token_urlsafe(24)
         self._tmp = tempfile.TemporaryDirectory(prefix="migrator-demo-")
         ready = os.path.join(self._tmp.name, "ready.json")
         cmd = [sys.executable, "-m", "migrator", "source", "--listen", "127.0.0.1:0", "--ready-file", ready,
                "--ram", str(guest.ram), "--vcpus", str(guest.vcpus), "--workload", guest.workload,
                "--write-ratio", str(guest.write_ratio), "--zero-pct", str(guest.zero_pct),
                "--text-pct", str(guest.text_pct), "--seed", str(guest.seed)] + (extra or [])  # fmt: skip
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
+        env = dict(os.environ, **{ENV_SECRET: self.secret})
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         try:
             deadline = time.monotonic() + 180
             while not os.path.exists(ready):
@@ -111,7 +115,7 @@ def run_demo(guest: GuestOptions, cfg: DestConfig, warmup: float, stop: threadin
         if cfg.progress:
             sys.stderr.write(f"demo: source ready at {src.address}, guest running for {warmup:g}s before migration\n")
         time.sleep(warmup)
-        dcfg = DestConfig(**{**cfg.__dict__, "source": src.address})
+        dcfg = DestConfig(**{**cfg.__dict__, "source": src.address, "secret": src.secret})
         summary = run_destination(dcfg, stop, plot)
         src.proc.wait(timeout=30)
         return summary

@@ -30,3 +30,13 @@ def require_userfaultfd() -> None:
 def userfaultfd_required() -> None:
     """Fixture form of :func:`require_userfaultfd`."""
     require_userfaultfd()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """One migration secret for the whole run: every `migrator source` and
+    `migrator dest` the tests start (and DestConfig's default) read it from
+    $MIGRATOR_SECRET, as a user's two terminals would."""
+    import os
+    import secrets
+
+    os.environ.setdefault("MIGRATOR_SECRET", "test-" + secrets.token_hex(12))

@@ -25,7 +25,7 @@ def _migrate(guest: GuestOptions, cfg: DestConfig, warmup: float, plot: str | No
     src = DemoSource(guest)
     try:
         time.sleep(warmup)
-        dcfg = DestConfig(**{**cfg.__dict__, "source": src.address})
+        dcfg = DestConfig(**{**cfg.__dict__, "source": src.address, "secret": src.secret})
         summary, out = run_destination_outcome(dcfg, threading.Event(), plot)
         src.proc.wait(timeout=60)
     finally:

@@ -150,7 +150,7 @@ class DestinationSession:
         """Run steps 1-7; returns with the guest running on this side."""
         cfg = self.cfg
         if self.source is None:
-            self.source = GrpcPageSource(cfg.source, connect_timeout=cfg.connect_timeout)
+            self.source = GrpcPageSource(cfg.source, secret=cfg.secret, tls=cfg.tls, connect_timeout=cfg.connect_timeout)
         src = self.source
         desc = src.describe()
         spec = GuestSpec(ram=desc.ram_size, page_size=desc.page_size, vcpus=desc.vcpus or 2, incoming=True)

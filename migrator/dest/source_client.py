@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Iterator
 from typing import Protocol
 
 import grpc
 
 from migrator import PROTOCOL_VERSION
-from migrator.errors import MigratorError, ProtocolError, SourceUnreachable, TransportError
+from migrator.errors import AuthError, MigratorError, ProtocolError, SourceUnreachable, TransportError
+from migrator.security import TlsFiles, call_metadata
 from migrator.wire import migration_pb2 as pb
 from migrator.wire import migration_pb2_grpc as pb_grpc
 
@@ -43,6 +45,8 @@ CHANNEL_OPTIONS = [
 def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        return AuthError(f"the source refused us during {what}: {details}", status=code.name)
     if code == grpc.StatusCode.ABORTED:
         return TransportError(f"{what}: {details}", status=code.name)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -99,12 +103,12 @@ class _QueueIter:
 
 
 class _GrpcStream:
-    def __init__(self, call_fn, first: object | None, what: str) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, call_fn, first: object | None, what: str, metadata: tuple[tuple[str, str], ...] = ()) -> None:  # type: ignore[no-untyped-def]
         self._reqs = _QueueIter()
         if first is not None:
             self._reqs.q.put(first)
         self._what = what
-        self._call = call_fn(self._reqs, timeout=STREAM_TIMEOUT)
+        self._call = call_fn(self._reqs, timeout=STREAM_TIMEOUT, metadata=metadata)
         self._closed = threading.Event()
 
     def _put(self, msg: object) -> None:
@@ -138,38 +142,60 @@ class GrpcBulkStream(_GrpcStream):
 
 
 class GrpcPageSource:
-    def __init__(self, address: str, *, connect_timeout: float = 5.0) -> None:
+    def __init__(
+        self, address: str, *, secret: str | None = None, tls: TlsFiles | None = None, connect_timeout: float = 5.0
+    ) -> None:
         self.address = address
-        self._urgent = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + [("migrator.channel", "urgent")])
-        self._bulk = grpc.insecure_channel(address, options=CHANNEL_OPTIONS + [("migrator.channel", "bulk")])
-        try:
-            grpc.channel_ready_future(self._bulk).result(timeout=connect_timeout)
-        except grpc.FutureTimeoutError:
-            self.close()
-            raise SourceUnreachable(f"cannot connect to the source at {address}", timeout=f"{connect_timeout:g}s") from None
+        self._md = call_metadata(secret)
+        creds = tls.channel_credentials() if tls is not None and tls.enabled else None
+
+        def channel(name: str) -> grpc.Channel:
+            opts = CHANNEL_OPTIONS + [("migrator.channel", name)]
+            return grpc.secure_channel(address, creds, options=opts) if creds else grpc.insecure_channel(address, options=opts)
+
+        self._urgent = channel("urgent")
+        self._bulk = channel("bulk")
         self._urgent_stub = pb_grpc.MigrationStub(self._urgent)
         self._bulk_stub = pb_grpc.MigrationStub(self._bulk)
+        self._connect_timeout = connect_timeout
+
+    def _first_call(self, req: pb.HandshakeRequest) -> pb.Manifest:
+        """The first call retries while the connection comes up, and keeps the
+        transport's own reason (refused, TLS handshake, ...) for the error."""
+        deadline = time.monotonic() + self._connect_timeout
+        while True:
+            try:
+                return self._bulk_stub.Handshake(req, timeout=max(0.5, deadline - time.monotonic()), metadata=self._md)
+            except grpc.RpcError as exc:
+                final = "handshake" in (exc.details() or "").lower()  # TLS: retrying will not help
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or final or time.monotonic() >= deadline:
+                    if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise SourceUnreachable(
+                            f"cannot connect to the source at {self.address}: {exc.details()}",
+                            timeout=f"{self._connect_timeout:g}s",
+                        ) from None
+                    raise map_rpc_error(exc, "handshake") from None
+                time.sleep(0.2)
 
     def _unary(self, fn, req, what: str):  # type: ignore[no-untyped-def]
         try:
-            return fn(req, timeout=UNARY_TIMEOUT)
+            return fn(req, timeout=UNARY_TIMEOUT, metadata=self._md)
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, what) from None
 
     def describe(self) -> pb.Manifest:
-        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True)
-        return self._unary(self._bulk_stub.Handshake, req, "handshake")
+        return self._first_call(pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True))
 
     def handshake(self) -> pb.Manifest:
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
         return self._unary(self._bulk_stub.Handshake, req, "handshake")
 
     def open_demand(self) -> GrpcDemandStream:
-        return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch")
+        return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch", self._md)
 
     def open_bulk(self, codec: int, batch_pages: int, seek: int) -> GrpcBulkStream:
         first = pb.StreamControl(seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages)
-        return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream")
+        return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream", self._md)
 
     def complete(self, migration_id: str, installed: int) -> pb.CompleteReply:
         req = pb.CompleteRequest(migration_id=migration_id, pages_installed=installed)

@@ -13,6 +13,7 @@ from typing import Any
 from migrator.config import SourceConfig
 from migrator.errors import GuestDied
 from migrator.guest import GuestProcess, GuestSpec
+from migrator.security import load_secret
 from migrator.source.server import SourceSession, serve
 
 log = logging.getLogger("migrator.source")
@@ -30,7 +31,8 @@ def run_source(cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str,
     )  # fmt: skip
     session = SourceSession(guest)
     try:
-        server, port = serve(session, cfg.listen)
+        secret, generated = load_secret(cfg.secret_file, create=True)
+        server, port = serve(session, cfg.listen, secret=secret, tls=cfg.tls)
     except BaseException:
         guest.kill()
         raise
@@ -38,9 +40,14 @@ def run_source(cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str,
     info = {"address": f"{host}:{port}", "guest_pid": guest.hello.pid, "pid": os.getpid(), "ram": g.ram}
     if cfg.ready_file:
         tmp = cfg.ready_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(info, f)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the secret
+        with os.fdopen(fd, "w") as f:
+            json.dump({**info, "secret": secret}, f)
         os.replace(tmp, cfg.ready_file)
+    if generated and cfg.secret_file:
+        say(f"source: wrote a new migration secret to {cfg.secret_file}; give the destination --secret-file")
+    elif generated:
+        say(f"source: migration secret {secret} (give it to the destination as MIGRATOR_SECRET)")
     say(f"source: guest pid {guest.hello.pid} running ({g.ram >> 20} MiB, {g.vcpus} vCPUs, {g.workload}); "
         f"waiting for a destination on {info['address']}")  # fmt: skip
     try:

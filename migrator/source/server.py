@@ -26,6 +26,7 @@ import zstandard
 from migrator import PROTOCOL_VERSION
 from migrator.errors import MigratorError
 from migrator.guest import GuestProcess
+from migrator.security import SecretInterceptor, TlsFiles
 from migrator.source.batches import BatchBuilder
 from migrator.source.ram_reader import RamReader
 from migrator.wire import migration_pb2 as pb
@@ -64,6 +65,7 @@ class SourceStats:
     resent_pages: int = 0
     bytes_sent: int = 0
     rejected: int = 0
+    refused_auth: int = 0
 
 
 class SourceSession:
@@ -235,6 +237,12 @@ class SourceSession:
         self._rate = _RateSampler(self.guest)
         return pb.CancelReply()
 
+    def note_refused(self, why: str) -> None:
+        """A call without the right secret was refused (before any handler ran)."""
+        with self._lock:
+            self.stats.refused_auth += 1
+        log.warning("refused a call: %s", why)
+
     def close(self) -> None:
         self._rate.stop()
         if self._reader is not None:
@@ -317,10 +325,21 @@ def _stream(context: grpc.ServicerContext, fn):  # type: ignore[no-untyped-def]
         context.abort(grpc.StatusCode.ABORTED, f"source failed: {exc}")
 
 
-def serve(session: SourceSession, listen: str, *, workers: int = 8) -> tuple[grpc.Server, int]:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="page-server"), options=GRPC_OPTIONS)
+def serve(
+    session: SourceSession, listen: str, *, secret: str | None, tls: TlsFiles | None = None, workers: int = 8
+) -> tuple[grpc.Server, int]:
+    """Start the page server; with a secret, every call without it is refused first."""
+    interceptors = [SecretInterceptor(secret, on_refused=session.note_refused)] if secret else []
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="page-server"),
+        options=GRPC_OPTIONS,
+        interceptors=interceptors,
+    )
     pb_grpc.add_MigrationServicer_to_server(MigrationServicer(session), server)
-    port = server.add_insecure_port(listen)
+    if tls is not None and tls.enabled:
+        port = server.add_secure_port(listen, tls.server_credentials())
+    else:
+        port = server.add_insecure_port(listen)
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()
