@@ -178,9 +178,11 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
 @click.option("--check", is_flag=True, help="Only probe whether userfaultfd works here, then exit (0 = yes, 3 = no).")
 @click.option("--quiet", is_flag=True, help="No live progress.")
 @click.option("--plot", type=click.Path(dir_okay=False), default=None, help="Write a PNG timeline here (needs the `plots` extra).")
+@click.option("--listen", default=None, help="After the migration, serve the guest here for the next hop (HOST:PORT).")
+@click.option("--ready-file", type=click.Path(dir_okay=False), help="With --listen: write {address, guest_pid} here once serving.")
 @lambda f: security_options(f, side="dest")
 def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, quiet: bool, no_verify: bool, plot: str | None,
-         secret_file: str | None, **kw: Any) -> None:  # fmt: skip
+         listen: str | None, ready_file: str | None, secret_file: str | None, **kw: Any) -> None:  # fmt: skip
     """Migrate the source's guest here, post-copy, and keep it running."""
     from migrator.probe import probe
 
@@ -198,14 +200,34 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
     except MigratorError as exc:
         _fail(exc)
     cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, secret=secret, tls=tls, **kw)
+    if listen and run_for is None:
+        cfg = DestConfig(**{**cfg.__dict__, "run_for": 0.0})  # the guest runs on while it waits for the next hop
     stop = _stop_on_signals()
     try:
-        summary = run_destination(cfg, stop, plot)
+        if listen:
+            from migrator.runner import run_destination_outcome
+
+            summary, out = run_destination_outcome(cfg, stop, plot, keep_guest=True)
+        else:
+            summary = run_destination(cfg, stop, plot)
     except MigratorError as exc:
         _fail(exc)
     click.echo(summary.to_json() if as_json else summary.to_text())
+    sys.stdout.flush()
     if not summary.ok:
+        if listen:
+            out.guest.kill()
         sys.exit(5)
+    if listen:
+        from migrator.source.run import serve_guest
+
+        hop = SourceConfig(listen=listen, ready_file=ready_file, secret_file=secret_file, tls=tls)
+        try:
+            served = serve_guest(out.guest, hop, stop, say=lambda m: click.echo(m, err=True))
+        except MigratorError as exc:
+            _fail(exc)
+        if served["phase"] not in ("completed", "running"):  # stopped mid-hop: the guest is lost
+            sys.exit(4)
 
 
 @main.command()

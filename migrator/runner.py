@@ -50,7 +50,10 @@ def run_destination(cfg: DestConfig, stop: threading.Event, plot: str | None = N
     return summary
 
 
-def run_destination_outcome(cfg: DestConfig, stop: threading.Event, plot: str | None = None) -> tuple[Summary, Outcome]:
+def run_destination_outcome(
+    cfg: DestConfig, stop: threading.Event, plot: str | None = None, *, keep_guest: bool = False
+) -> tuple[Summary, Outcome]:
+    """Migrate here; with keep_guest the guest keeps running afterwards (out.guest)."""
     session = DestinationSession(cfg)
     show = ProgressLine(cfg.progress)
     try:
@@ -58,7 +61,7 @@ def run_destination_outcome(cfg: DestConfig, stop: threading.Event, plot: str | 
         if cfg.run_for is None or cfg.run_for > 0:
             session.run_after(out, cfg.run_for, stop, show)
         show.done()
-        session.finish(out)
+        session.finish(out, keep_running=keep_guest)
         summary = build_summary(out)
         if plot:
             from migrator.plot import write_timeline

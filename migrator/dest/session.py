@@ -278,14 +278,20 @@ class DestinationSession:
         ops = self._guest_ops()
         out.ops["after"] = (ops - ops0) / max(now - t0, 1e-9) if now > t0 else 0.0
 
-    def finish(self, out: Outcome) -> None:
-        """Pause the guest, let it verify every page, collect its stats, stop it."""
+    def finish(self, out: Outcome, *, keep_running: bool = False) -> None:
+        """Pause the guest, let it verify every page, collect its stats; then stop
+        it, or (keep_running, for the next hop) let it run on."""
         guest = out.guest
         if self.cfg.verify:
             guest.call("pause", timeout=30)
             out.verify = guest.call("verify", timeout=600)
+            if keep_running:
+                guest.call("resume")
         out.guest_stats = guest.call("stats")
-        guest.quit()
+        if keep_running:
+            self.guest = None  # no longer ours to kill in close()
+        else:
+            guest.quit()
 
     def close(self) -> None:
         if self.guest is not None and self.guest.alive():

@@ -21,23 +21,34 @@ SWITCH_INTERVAL_S = float(os.environ.get("MIGRATOR_SWITCH_INTERVAL", "0.0002"))
 
 
 def run_source(cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
-    # The bulk stream's thread would hold the GIL for up to the default 5 ms
-    # switch interval while a demand request waits: switch often.
-    sys.setswitchinterval(SWITCH_INTERVAL_S)
     g = cfg.guest
     guest = GuestProcess(
         GuestSpec(ram=g.ram, vcpus=g.vcpus, workload=g.workload, write_ratio=g.write_ratio,
                   zero_pct=g.zero_pct, text_pct=g.text_pct, seed=g.seed)
     )  # fmt: skip
+    say(f"source: guest pid {guest.hello.pid} running ({g.ram >> 20} MiB, {g.vcpus} vCPUs, {g.workload})")
+    return serve_guest(guest, cfg, stop, say)
+
+
+def serve_guest(guest: GuestProcess, cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+    """Serve a running guest to one destination; release it once that one confirms.
+
+    Used by `migrator source` for a guest it started, and by `migrator dest
+    --listen` for the guest it just received (the next hop).
+    """
+    # The bulk stream's thread would hold the GIL for up to the default 5 ms
+    # switch interval while a demand request waits: switch often.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
     session = SourceSession(guest)
     try:
         secret, generated = load_secret(cfg.secret_file, create=True)
         server, port = serve(session, cfg.listen, secret=secret, tls=cfg.tls)
     except BaseException:
+        session.close()
         guest.kill()
         raise
     host = cfg.listen.rsplit(":", 1)[0]
-    info = {"address": f"{host}:{port}", "guest_pid": guest.hello.pid, "pid": os.getpid(), "ram": g.ram}
+    info = {"address": f"{host}:{port}", "guest_pid": guest.hello.pid, "pid": os.getpid(), "ram": guest.hello.size}
     if cfg.ready_file:
         tmp = cfg.ready_file + ".tmp"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)  # it holds the secret
@@ -48,8 +59,7 @@ def run_source(cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str,
         say(f"source: wrote a new migration secret to {cfg.secret_file}; give the destination --secret-file")
     elif generated:
         say(f"source: migration secret {secret} (give it to the destination as MIGRATOR_SECRET)")
-    say(f"source: guest pid {guest.hello.pid} running ({g.ram >> 20} MiB, {g.vcpus} vCPUs, {g.workload}); "
-        f"waiting for a destination on {info['address']}")  # fmt: skip
+    say(f"source: waiting for a destination on {info['address']}")
     try:
         while not stop.is_set() and not session.done.is_set():
             session.done.wait(0.2)
