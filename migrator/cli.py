@@ -162,6 +162,8 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
                      help="Bulk stream compression; auto = off on loopback, on otherwise."),  # fmt: skip
         click.option("--batch-pages", type=click.IntRange(1, 1024), default=512, show_default=True, help="Pages per bulk message (512 = 2 MiB)."),
         click.option("--no-verify", is_flag=True, help="Skip the guest's full self-check at the end."),
+        click.option("--reconnect-deadline", type=click.FloatRange(0), default=300.0, show_default=True,
+                     help="Seconds to keep reconnecting to a lost source before giving up."),  # fmt: skip
     ]
     if override:
         opts.append(click.option("--write-ratio", type=click.FloatRange(0, 1), default=None, help="Override the guest's write ratio here."))

@@ -59,4 +59,5 @@ class DestConfig:
     # nice value of the guest's vCPUs while pages are missing (0 = leave alone); restored after
     guest_nice: int = 10
     secret: str | None = field(default_factory=lambda: os.environ.get(ENV_SECRET) or None, repr=False)
+    reconnect_deadline: float = 300.0  # seconds to wait for a lost source before giving up
     tls: TlsFiles = TlsFiles()

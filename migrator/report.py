@@ -59,6 +59,7 @@ def build_summary(out: Outcome, error: str = "") -> Summary:
             "kernel_eexist": st.kernel_eexist,
             "kernel_eagain": st.kernel_eagain,
             "bulk_batches": st.bulk_batches,
+            "reconnects": out.reconnects,
             "raw_bytes": st.raw_bytes,
         },
     )

@@ -80,7 +80,9 @@ def test_source_unreachable(tmp_path: Path) -> None:
 def test_source_killed_mid_migration(tmp_path: Path) -> None:
     needs_userfaultfd()
     with procs.running_source(tmp_path, "256MiB") as (src, info):
-        args = [*procs.MIGRATOR, "dest", "--source", str(info["address"]), "--run-for", "5", "--quiet"]
+        # the destination waits for a lost source (recovery), up to a deadline: short here
+        args = [*procs.MIGRATOR, "dest", "--source", str(info["address"]), "--run-for", "5", "--quiet",
+                "--reconnect-deadline", "3"]  # fmt: skip
         with procs.command(args, tmp_path, "dest") as dest:
             dest_guest = wait_dest_migrating(dest)
             src.kill_group()  # SIGKILL the source and its guest
@@ -90,7 +92,8 @@ def test_source_killed_mid_migration(tmp_path: Path) -> None:
             rc = dest.wait(timeout=10)
             assert time.monotonic() - t_kill < 10
             assert rc == 4, f"exit {rc}, want 4 (source gone):\n{dest.stderr()}"
-            assert_one_line_error(dest.stderr(), "source")
+            assert "source unreachable" in dest.stderr() and "reconnecting for up to 3 s" in dest.stderr()
+            assert_one_line_error(dest.stderr(), "source unreachable for 3 s, giving up")
             procs.wait_for(lambda: not procs.alive(dest_guest), 5, what="the destination's guest to go")
             assert dest.leftovers() == []
 
@@ -183,7 +186,8 @@ def source_guest_killed(tmp_path_factory: pytest.TempPathFactory) -> tuple[procs
     needs_userfaultfd()
     tmp = tmp_path_factory.mktemp("source-guest-killed")
     with procs.running_source(tmp, "256MiB") as (src, info):
-        args = [*procs.MIGRATOR, "dest", "--source", str(info["address"]), "--run-for", "5", "--quiet"]
+        args = [*procs.MIGRATOR, "dest", "--source", str(info["address"]), "--run-for", "5", "--quiet",
+                "--reconnect-deadline", "3"]  # fmt: skip
         with procs.command(args, tmp, "dest") as dest:
             wait_dest_migrating(dest)
             procs.kill_pid(int(info["guest_pid"]))

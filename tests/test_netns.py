@@ -136,7 +136,7 @@ def test_link_lost_mid_migration(two_hosts: TwoHosts, tmp_path: Path, cut: str) 
     shape(two_hosts, "limit", "100mbit")
     with source_on(two_hosts.src, tmp_path, "256MiB") as src:
         tx0 = veth_bytes(two_hosts.src, "tx_bytes")
-        args = dest_args(SOURCE, "--quiet", "--compress", "none", "--run-for", "0")
+        args = dest_args(SOURCE, "--quiet", "--compress", "none", "--run-for", "0", "--reconnect-deadline", "3")
         with two_hosts.dst.command(args, tmp_path, "dest") as dest:
 
             def pages_flowing() -> bool:
@@ -158,8 +158,11 @@ def test_link_lost_mid_migration(two_hosts: TwoHosts, tmp_path: Path, cut: str) 
             print(f"\n[netns] link {cut}: dest exit {rc} after {took:.1f} s: {err.strip()}")
             assert rc == 4, err
             # --quiet: the one line is all there is, and no traceback
+            # one warning when the source became unreachable, then one final error at the deadline
             lines = [ln for ln in err.splitlines() if ln.strip()]
-            assert len(lines) == 1 and lines[0].startswith("migrator: error: "), err
+            assert "Traceback" not in err and lines[-1].startswith("migrator: error: source unreachable"), err
+            assert [ln for ln in lines if ln.startswith("migrator: error:")] == [lines[-1]], err
+            assert any("source unreachable" in ln and "reconnecting" in ln for ln in lines[:-1]), err
             procs.wait_for(lambda: not two_hosts.dst.guest_sims(), 5.0, what="no guest_sim left on the destination")
         # stop the source as an operator would; its guest must go with it
         src.signal(signal.SIGTERM)

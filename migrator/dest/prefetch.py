@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import zstandard
 
@@ -41,20 +41,37 @@ def _zstd_rate(sample: bytes) -> float:
 
 
 class DemandChannel:
-    def __init__(self, source: PageSource, installer: Installer, stats: DestStats, on_error: Callable[[BaseException], None]) -> None:
+    def __init__(
+        self,
+        source: PageSource,
+        installer: Installer,
+        stats: DestStats,
+        on_error: Callable[[BaseException], None],
+        outstanding: dict[int, tuple[int, int]] | None = None,
+        ids: Iterator[int] | None = None,
+    ) -> None:
         self.installer = installer
         self.stats = stats
         self.on_error = on_error
-        self._ids = itertools.count(1)
+        self._ids = ids if ids is not None else itertools.count(1)
         # request id -> (first page, count) of requests not yet answered; dict
-        # operations are atomic, and each id is written by one thread, read by one
-        self._outstanding: dict[int, tuple[int, int]] = {}
+        # operations are atomic, and each id is written by one thread, read by
+        # one.  Shared with the channel that replaces this one after a
+        # reconnection, which sends them again.
+        self._outstanding: dict[int, tuple[int, int]] = outstanding if outstanding is not None else {}
         self._stream: DemandStream = source.open_demand()
         self._thread = threading.Thread(target=self._run, name="demand-rx", daemon=True)
         self._stopping = False
 
     def start(self) -> None:
         self._thread.start()
+
+    def resend_outstanding(self) -> int:
+        """After a reconnection: ask again for everything not yet answered."""
+        items = list(self._outstanding.items())
+        for rid, (first, count) in items:
+            self._stream.request(rid, first, count)
+        return len(items)
 
     def request(self, first: int, count: int) -> None:
         rid = next(self._ids)
@@ -101,9 +118,11 @@ class Prefetcher:
         batch_pages: int,
         on_error: Callable[[BaseException], None],
         delay_s: float = 0.0,
+        missing_zstd: bytes = b"",
     ) -> None:
         self.source = source
         self.delay_s = delay_s
+        self.missing_zstd = missing_zstd  # after a reconnection: what the source must send again
         self._stop_evt = threading.Event()
         self.installer = installer
         self.table = table
@@ -124,7 +143,7 @@ class Prefetcher:
 
     def start(self) -> None:
         if self.delay_s <= 0:
-            self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0)
+            self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0, self.missing_zstd)
         self._thread.start()
 
     def after_fault(self, page: int, count: int) -> None:
@@ -157,7 +176,7 @@ class Prefetcher:
                 # bulk held back (fault-latency measurements with an idle bulk channel)
                 if self._stop_evt.wait(self.delay_s):
                     return
-                self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0)
+                self._stream = self.source.open_bulk(self.codec, self.batch_pages, 0, self.missing_zstd)
             probe_t0 = 0.0
             probe_bytes = 0
             for batch in self._stream.responses():

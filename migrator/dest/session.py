@@ -37,7 +37,7 @@ from migrator.config import DestConfig
 from migrator.dest.fault import FaultHandler, FaultThreads
 from migrator.dest.install import Installer
 from migrator.dest.pagetable import PageTable
-from migrator.dest.prefetch import DemandChannel, Prefetcher
+from migrator.dest.channels import Channels
 from migrator.dest.source_client import GrpcPageSource, PageSource
 from migrator.errors import GuestDied, GuestError, MigratorError, ProtocolError
 from migrator.guest import GuestProcess, GuestSpec
@@ -76,6 +76,7 @@ class Outcome:
     verify: dict[str, Any] = field(default_factory=dict)
     compression: str = "none"
     tids: list[int] = field(default_factory=list)
+    reconnects: int = 0
 
 
 def _is_loopback(address: str) -> bool:
@@ -131,6 +132,8 @@ class DestinationSession:
         self._failed = threading.Event()
         self.guest: GuestProcess | None = None
         self.uffd: Userfaultfd | None = None
+        self.channels: Channels | None = None
+        self.say: Callable[[str], None] = lambda m: log.warning("%s", m)
 
     def fail(self, exc: BaseException) -> None:
         if self._failure is None:
@@ -165,12 +168,10 @@ class DestinationSession:
         stats = DestStats()
         installer = Installer(uffd, table, h.addr, h.page_size, stats)
         manifest: pb.Manifest | None = None
-        demand: DemandChannel | None = None
-        prefetcher: Prefetcher | None = None
+        channels: Channels | None = None
         faults: FaultThreads | None = None
         resumed = False
         try:
-            demand = DemandChannel(src, installer, stats, self.fail)
             manifest = src.handshake()
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
@@ -179,20 +180,13 @@ class DestinationSession:
             if len(zero_map) != npages:
                 raise ProtocolError("zero map has the wrong length", got=len(zero_map), want=npages)
             loopback = _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True
-            prefetcher = Prefetcher(
-                src, installer, table, zero_map, stats, cfg.compress, loopback, cfg.batch_pages, self.fail, cfg.prefetch_delay
-            )
-
-            def request(page: int, count: int) -> None:
-                assert demand is not None and prefetcher is not None
-                demand.request(page, count)
-                prefetcher.after_fault(page, count)
-
+            channels = Channels(src, installer, table, zero_map, stats, cfg, loopback, self.fail, self.say)
+            request = channels.request
             handler = FaultHandler(uffd, table, installer, zero_map, h.addr, h.page_size, request, cfg.demand_window)
             faults = FaultThreads(uffd, handler, cfg.fault_threads, self.fail)
             faults.start()
-            demand.start()
-            prefetcher.start()
+            channels.start()
+            self.channels = channels
             state = json.loads(manifest.vcpu_state)
             niced = _deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
@@ -207,7 +201,7 @@ class DestinationSession:
             stats.faults = handler.faults
             stats.faults_spurious = handler.spurious
         except BaseException as exc:
-            for part in (faults, prefetcher, demand):
+            for part in (faults, channels):
                 if part is not None:
                     part.stop()
             if not resumed and manifest is not None:
@@ -218,10 +212,10 @@ class DestinationSession:
             guest.kill()
             uffd.close()
             raise
-        out.compression = prefetcher.compression
+        out.compression = channels.compression
+        out.reconnects = channels.reconnects
         faults.stop()
-        prefetcher.stop()
-        demand.stop()
+        channels.stop()
         uffd.unregister(h.addr, h.size)
         uffd.close()
         src.complete(manifest.migration_id, table.present)
@@ -232,6 +226,9 @@ class DestinationSession:
         last_ops: tuple[float, int] | None = None
         first_ops: tuple[float, int] | None = None
         while not table.all_present.wait(0.2):
+            if self.channels is not None and self.channels.lost.is_set():
+                assert self.guest is not None
+                self.channels.recover(self.guest)
             self._check()
             if on_progress is not None or first_ops is None:
                 ops = self._guest_ops()

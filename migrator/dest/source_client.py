@@ -39,6 +39,10 @@ CHANNEL_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
     # separate connections for the two channels
     ("grpc.use_local_subchannel_pool", 1),
+    # after a lost connection, try again soon (the default backoff grows to 2 min)
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
 ]
 
 
@@ -80,7 +84,8 @@ class PageSource(Protocol):
     def describe(self) -> pb.Manifest: ...
     def handshake(self) -> pb.Manifest: ...
     def open_demand(self) -> DemandStream: ...
-    def open_bulk(self, codec: int, batch_pages: int, seek: int) -> BulkStream: ...
+    def open_bulk(self, codec: int, batch_pages: int, seek: int, missing_zstd: bytes = b"") -> BulkStream: ...
+    def ping(self, timeout: float) -> None: ...
     def complete(self, migration_id: str, installed: int) -> pb.CompleteReply: ...
     def cancel(self, migration_id: str, reason: str) -> None: ...
     def close(self) -> None: ...
@@ -184,7 +189,13 @@ class GrpcPageSource:
             raise map_rpc_error(exc, what) from None
 
     def describe(self) -> pb.Manifest:
-        return self._first_call(pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True))
+        m = self._first_call(pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True))
+        # bring the urgent connection up too, before the downtime starts
+        try:
+            grpc.channel_ready_future(self._urgent).result(timeout=self._connect_timeout)
+        except grpc.FutureTimeoutError:
+            raise SourceUnreachable("the source's urgent channel did not come up", address=self.address) from None
+        return m
 
     def handshake(self) -> pb.Manifest:
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
@@ -193,8 +204,18 @@ class GrpcPageSource:
     def open_demand(self) -> GrpcDemandStream:
         return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch", self._md)
 
-    def open_bulk(self, codec: int, batch_pages: int, seek: int) -> GrpcBulkStream:
-        first = pb.StreamControl(seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages)
+    def ping(self, timeout: float) -> None:
+        """One quick call: raises TransportError while the source cannot be reached."""
+        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True)
+        try:
+            self._bulk_stub.Handshake(req, timeout=timeout, metadata=self._md)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, "reconnect") from None
+
+    def open_bulk(self, codec: int, batch_pages: int, seek: int, missing_zstd: bytes = b"") -> GrpcBulkStream:
+        first = pb.StreamControl(
+            seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages, missing_map_zstd=missing_zstd
+        )
         return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream", self._md)
 
     def complete(self, migration_id: str, installed: int) -> pb.CompleteReply:

@@ -184,6 +184,8 @@ class SourceSession:
             raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"batch of {batch_pages} pages > {MAX_BATCH_PAGES}")
         pos = [0]
         apply(first_ctl)
+        if first_ctl.missing_map_zstd:
+            self._resume_from(first_ctl.missing_map_zstd)
         bad: list[PhaseError] = []
 
         def follow() -> None:
@@ -217,6 +219,20 @@ class SourceSession:
             self.stats.bytes_sent += len(batch.data)
             yield batch
         yield pb.PageBatch(last=True, sent_unix_ns=time.time_ns())
+
+    def _resume_from(self, missing_zstd: bytes) -> None:
+        """A reconnected destination says which pages it still lacks: send them again."""
+        try:
+            missing = zstandard.ZstdDecompressor().decompress(missing_zstd, max_output_size=self.npages)
+        except zstandard.ZstdError as exc:
+            raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"bad missing map: {exc}") from None
+        if len(missing) != self.npages or missing.translate(None, b"\x00\x01"):
+            raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, "missing map must be one 0/1 byte per page")
+        # need == 0 means "bulk sends it": missing pages that were touched on the source
+        need = bytes(1 - (m & (1 - u)) for m, u in zip(missing, self._untouched))
+        with self._lock:
+            self._need[:] = need
+        log.warning("destination reconnected; %d pages to send again", self.npages - need.count(1))
 
     # -- end ---------------------------------------------------------------------------
     def complete(self, req: pb.CompleteRequest) -> pb.CompleteReply:

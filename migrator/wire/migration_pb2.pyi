@@ -57,14 +57,16 @@ class DemandRequest(_message.Message):
     def __init__(self, request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StreamControl(_message.Message):
-    __slots__ = ("seek_page", "codec", "batch_pages")
+    __slots__ = ("seek_page", "codec", "batch_pages", "missing_map_zstd")
     SEEK_PAGE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
+    MISSING_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
     seek_page: int
     codec: Codec
     batch_pages: int
-    def __init__(self, seek_page: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., batch_pages: _Optional[int] = ...) -> None: ...
+    missing_map_zstd: bytes
+    def __init__(self, seek_page: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., batch_pages: _Optional[int] = ..., missing_map_zstd: _Optional[bytes] = ...) -> None: ...
 
 class PageBatch(_message.Message):
     __slots__ = ("request_id", "first_page", "count", "flags", "codec", "data", "raw_size", "crc32", "last", "sent_unix_ns")

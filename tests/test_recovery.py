@@ -1,0 +1,71 @@
+"""Never lose the guest: a lost connection pauses the faulting vCPUs, the
+destination reconnects and the migration completes with every page verified;
+a source that stays away ends the destination clearly at the deadline."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+from tests.conftest import require_userfaultfd
+from tests.helpers import procs
+from tests.helpers.cut_proxy import CutProxy
+
+CUTS = 5
+
+
+def test_five_cuts_then_the_migration_completes(tmp_path: Path) -> None:
+    require_userfaultfd()
+    with procs.running_source(tmp_path, "512MiB") as (src, info):
+        host, port = info["address"].rsplit(":", 1)
+        with CutProxy((host, int(port))) as proxy:
+            with procs.command(
+                [*procs.MIGRATOR, "dest", "--source", proxy.address, "--run-for", "0.5", "--json", "--quiet",
+                 "--batch-pages", "64"],  # fmt: skip  (small batches: a longer migration to cut into)
+                tmp_path, "dest",
+            ) as dest:
+                # cut while the migration runs: after each reconnection, wait a little, cut again
+                procs.wait_for(lambda: proxy.accepted >= 2, 60, what="the destination's two connections")
+                for k in range(CUTS):
+                    time.sleep(0.3)
+                    assert dest.proc.poll() is None, f"migration ended before cut {k + 1}: {dest.stderr()}"
+                    proxy.cut()
+                    procs.wait_for(lambda: dest.stderr().count("reconnected to the source") >= k + 1 or dest.proc.poll() is not None,
+                                   30, what=f"reconnection {k + 1}")  # fmt: skip
+                rc = dest.wait(120)
+                assert rc == 0, dest.stderr()
+                s = json.loads(dest.stdout())
+    assert s["ok"] and s["verify_errors"] == [] and s["guest_errors"] == []
+    assert s["verified_pages"] == s["pages"]
+    assert s["pages_demand"] + s["pages_prefetch"] + s["pages_zero"] == s["pages"]
+    assert s["extra"]["kernel_eexist"] == 0  # every page installed exactly once
+    assert s["extra"]["reconnects"] == CUTS, dest.stderr()
+    assert len(re.findall(r"^migrator.dest: source unreachable", dest.stderr(), re.M)) == CUTS
+
+
+def test_source_gone_for_good_ends_at_the_deadline(tmp_path: Path) -> None:
+    require_userfaultfd()
+    with procs.running_source(tmp_path, "512MiB") as (src, info):
+        with procs.command(
+            [*procs.MIGRATOR, "dest", "--source", info["address"], "--run-for", "0", "--quiet", "--batch-pages", "64",
+             "--reconnect-deadline", "4"],  # fmt: skip
+            tmp_path, "dest",
+        ) as dest:
+            # kill the source once the destination's guest runs (it has vCPU threads then)
+            procs.wait_for(lambda: any(procs.thread_count(g) > 1 for g in procs.guest_children(dest.pid)), 60,
+                           what="the destination guest to run")  # fmt: skip
+            src.kill_group()
+            t_kill = time.monotonic()
+            procs.wait_for(lambda: "source unreachable" in dest.stderr(), 10, what="the destination to say so")
+            assert "reconnecting for up to 4 s" in dest.stderr()
+            assert time.monotonic() - t_kill < 10
+            rc = dest.wait(30)
+            took = time.monotonic() - t_kill
+    assert rc == 4, dest.stderr()
+    assert 4 <= took < 15, took
+    last = [ln for ln in dest.stderr().splitlines() if ln.strip()][-1]
+    assert last.startswith("migrator: error: source unreachable for 4 s, giving up"), dest.stderr()
+    assert "Traceback" not in dest.stderr()
+    assert dest.leftovers() == []
