@@ -141,8 +141,10 @@ def source(listen: str, ready_file: str | None, keep_guest: bool, as_json: bool,
     cfg = SourceConfig(listen=listen, guest=_guest(kw), ready_file=ready_file, keep_guest=keep_guest, json=as_json,
                        secret_file=secret_file, tls=tls)  # fmt: skip
     stop = _stop_on_signals()
+    rollback = threading.Event()
+    signal.signal(signal.SIGUSR1, lambda _s, _f: rollback.set())  # the user's explicit roll-back
     try:
-        result = run_source(cfg, stop, say=lambda m: click.echo(m, err=True))
+        result = run_source(cfg, stop, say=lambda m: click.echo(m, err=True), rollback=rollback)
     except MigratorError as exc:
         _fail(exc)
     if as_json:
@@ -225,7 +227,9 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
 
         hop = SourceConfig(listen=listen, ready_file=ready_file, secret_file=secret_file, tls=tls)
         try:
-            served = serve_guest(out.guest, hop, stop, say=lambda m: click.echo(m, err=True))
+            rollback = threading.Event()
+            signal.signal(signal.SIGUSR1, lambda _s, _f: rollback.set())
+            served = serve_guest(out.guest, hop, stop, say=lambda m: click.echo(m, err=True), rollback=rollback)
         except MigratorError as exc:
             _fail(exc)
         if served["phase"] not in ("completed", "running"):  # stopped mid-hop: the guest is lost

@@ -152,6 +152,7 @@ class GrpcPageSource:
     ) -> None:
         self.address = address
         self._md = call_metadata(secret)
+        self._stream_md = self._md
         creds = tls.channel_credentials() if tls is not None and tls.enabled else None
 
         def channel(name: str) -> grpc.Channel:
@@ -199,10 +200,14 @@ class GrpcPageSource:
 
     def handshake(self) -> pb.Manifest:
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
-        return self._unary(self._bulk_stub.Handshake, req, "handshake")
+        m = self._unary(self._bulk_stub.Handshake, req, "handshake")
+        # every stream of this migration names it: after a roll-back on the
+        # source, a stale stream of ours is refused instead of served
+        self._stream_md = self._md + (("x-migration-id", m.migration_id),)
+        return m
 
     def open_demand(self) -> GrpcDemandStream:
-        return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch", self._md)
+        return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch", self._stream_md)
 
     def ping(self, timeout: float) -> None:
         """One quick call: raises TransportError while the source cannot be reached."""
@@ -216,7 +221,7 @@ class GrpcPageSource:
         first = pb.StreamControl(
             seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages, missing_map_zstd=missing_zstd
         )
-        return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream", self._md)
+        return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream", self._stream_md)
 
     def complete(self, migration_id: str, installed: int) -> pb.CompleteReply:
         req = pb.CompleteRequest(migration_id=migration_id, pages_installed=installed)

@@ -20,18 +20,25 @@ log = logging.getLogger("migrator.source")
 SWITCH_INTERVAL_S = float(os.environ.get("MIGRATOR_SWITCH_INTERVAL", "0.0002"))
 
 
-def run_source(cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def run_source(cfg: SourceConfig, stop: threading.Event, say=print, rollback: threading.Event | None = None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     g = cfg.guest
     guest = GuestProcess(
         GuestSpec(ram=g.ram, vcpus=g.vcpus, workload=g.workload, write_ratio=g.write_ratio,
                   zero_pct=g.zero_pct, text_pct=g.text_pct, seed=g.seed)
     )  # fmt: skip
     say(f"source: guest pid {guest.hello.pid} running ({g.ram >> 20} MiB, {g.vcpus} vCPUs, {g.workload})")
-    return serve_guest(guest, cfg, stop, say)
+    return serve_guest(guest, cfg, stop, say, rollback)
 
 
-def serve_guest(guest: GuestProcess, cfg: SourceConfig, stop: threading.Event, say=print) -> dict[str, Any]:  # type: ignore[no-untyped-def]
+def serve_guest(  # type: ignore[no-untyped-def]
+    guest: GuestProcess, cfg: SourceConfig, stop: threading.Event, say=print, rollback: threading.Event | None = None
+) -> dict[str, Any]:
     """Serve a running guest to one destination; release it once that one confirms.
+
+    Until then the guest's memory stays here, paused, whatever happens to the
+    destination.  If the destination is gone for good, the user may ask
+    (``rollback`` set: SIGUSR1 from the CLI) to resume the guest here as it was
+    at the pause; it is never resumed on its own.
 
     Used by `migrator source` for a guest it started, and by `migrator dest
     --listen` for the guest it just received (the next hop).
@@ -65,6 +72,21 @@ def serve_guest(guest: GuestProcess, cfg: SourceConfig, stop: threading.Event, s
             session.done.wait(0.2)
             if not guest.alive():
                 raise GuestDied("the source guest died", exit=guest.proc.returncode)
+            while not session.events.empty():
+                event = session.events.get()
+                if event == "lost":
+                    say(f"source: the destination went away before confirming; the guest stays paused here with its "
+                        f"memory as at the pause (the destination may reconnect). If it is gone for good, roll back "
+                        f"with: kill -USR1 {os.getpid()}")  # fmt: skip
+                else:
+                    say(f"source: {event}")
+            if rollback is not None and rollback.is_set():
+                rollback.clear()
+                if session.rollback():
+                    say("source: rolled back: the guest runs here again, from its state at the pause; "
+                        "it can be migrated again")
+                else:
+                    say(f"source: nothing to roll back (phase {session.phase})")
         if session.done.is_set():
             say("source: destination confirmed every page; releasing the guest")
             if cfg.keep_guest:

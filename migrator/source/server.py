@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from migrator.wire import migration_pb2_grpc as pb_grpc
 log = logging.getLogger("migrator.source")
 
 MAX_DEMAND_PAGES = 256
+MIGRATION_ID_KEY = "x-migration-id"  # metadata on Demand/Stream calls
 MAX_BATCH_PAGES = 1024
 DEFAULT_BATCH_PAGES = 512
 GRPC_OPTIONS = [
@@ -87,6 +89,9 @@ class SourceSession:
         self._sent = bytearray()  # 1 = sent at least once (for the duplicate count)
         self._rate = _RateSampler(guest)
         self.paused_ns = 0
+        self._streams = 0  # open Demand/Stream calls
+        self._lost_reported = False
+        self.events: queue.SimpleQueue[str] = queue.SimpleQueue()  # for the run loop to report
 
     # -- handshake -------------------------------------------------------------
     def handshake(self, req: pb.HandshakeRequest) -> pb.Manifest:
@@ -127,19 +132,50 @@ class SourceSession:
             guest_pid=h.pid,
         )
 
-    def _check_serving(self) -> RamReader:
+    def _check_serving(self, migration_id: str) -> RamReader:
         if self.phase != "paused" or self._reader is None:
             raise PhaseError(grpc.StatusCode.FAILED_PRECONDITION, f"no migration in progress (phase {self.phase})")
+        if migration_id != self.migration_id:
+            # e.g. a destination from before a roll-back: its pages are not this guest's any more
+            raise PhaseError(grpc.StatusCode.FAILED_PRECONDITION, "not the migration in progress")
         return self._reader
 
+    def stream_opened(self) -> None:
+        with self._lock:
+            self._streams += 1
+            back = self._lost_reported and self.phase == "paused"
+            self._lost_reported = False
+        if back:
+            self.events.put("the destination reconnected")
+
+    def stream_closed(self) -> None:
+        """When the last stream of a paused migration ends, the destination is gone (for now)."""
+        with self._lock:
+            self._streams -= 1
+            lost = self._streams == 0 and self.phase == "paused" and not self._lost_reported
+            self._lost_reported = self._lost_reported or lost
+        if lost:
+            self.events.put("lost")
+
+    def rollback(self) -> bool:
+        """Resume the paused guest here, as it was at the pause (only when the user asks)."""
+        with self._lock:
+            if self.phase != "paused":
+                return False
+            self.phase = "running"
+            self.migration_id = ""
+        self.guest.call("resume")
+        self._rate = _RateSampler(self.guest)
+        return True
+
     # -- urgent channel ----------------------------------------------------------
-    def demand(self, requests: Iterator[pb.DemandRequest]) -> Iterator[pb.PageBatch]:
+    def demand(self, requests: Iterator[pb.DemandRequest], migration_id: str = "") -> Iterator[pb.PageBatch]:
         # The destination opens this stream before the handshake (so the urgent
         # connection is up before the downtime starts); check at the first request.
         builder: BatchBuilder | None = None
         for req in requests:
             if builder is None:
-                builder = BatchBuilder(self._check_serving(), self._untouched, MAX_DEMAND_PAGES)
+                builder = BatchBuilder(self._check_serving(migration_id), self._untouched, MAX_DEMAND_PAGES)
             if req.count == 0 or req.count > MAX_DEMAND_PAGES:
                 self.stats.rejected += 1
                 raise PhaseError(grpc.StatusCode.INVALID_ARGUMENT, f"demand count {req.count} not in 1..{MAX_DEMAND_PAGES}")
@@ -162,8 +198,8 @@ class SourceSession:
             yield batch
 
     # -- bulk channel ----------------------------------------------------------------
-    def stream(self, controls: Iterator[pb.StreamControl]) -> Iterator[pb.PageBatch]:
-        reader = self._check_serving()
+    def stream(self, controls: Iterator[pb.StreamControl], migration_id: str = "") -> Iterator[pb.PageBatch]:
+        reader = self._check_serving(migration_id)
         first_ctl = next(controls, None)
         if first_ctl is None:
             return
@@ -308,10 +344,18 @@ class MigrationServicer(pb_grpc.MigrationServicer):
         return _call(context, lambda: self.s.handshake(request))
 
     def Demand(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        yield from _stream(context, lambda: self.s.demand(request_iterator))
+        yield from self._tracked(context, lambda mid: self.s.demand(request_iterator, mid))
 
     def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        yield from _stream(context, lambda: self.s.stream(request_iterator))
+        yield from self._tracked(context, lambda mid: self.s.stream(request_iterator, mid))
+
+    def _tracked(self, context, fn):  # type: ignore[no-untyped-def]
+        mid = dict(context.invocation_metadata() or ()).get(MIGRATION_ID_KEY, "")
+        self.s.stream_opened()
+        try:
+            yield from _stream(context, lambda: fn(mid))
+        finally:
+            self.s.stream_closed()
 
     def Complete(self, request, context):  # type: ignore[no-untyped-def]
         return _call(context, lambda: self.s.complete(request))
