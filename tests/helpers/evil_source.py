@@ -1,0 +1,85 @@
+"""A misbehaving page source (Firecracker's malicious_handler, for us): a real
+gRPC Migration server that describes a guest honestly and then lies in one
+chosen way.  Serves real page contents (a fixed pattern) where it does not lie.
+
+Modes: ``page-size`` (the manifest's page size differs from the guest's),
+``bad-crc`` (a page whose checksum does not match), ``unasked`` (a demand reply
+for pages that were not asked for), ``truncated`` (less data than the flags
+promise), ``oversized`` (more), ``bad-zstd`` (a bulk batch that does not decompress).
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from concurrent import futures
+
+import grpc
+import zstandard
+
+from migrator import PROTOCOL_VERSION
+from migrator.security import SecretInterceptor
+from migrator.wire import migration_pb2 as pb
+from migrator.wire import migration_pb2_grpc as pb_grpc
+
+PS = 4096
+PAGE = bytes(range(256)) * (PS // 256)
+
+
+class EvilSource(pb_grpc.MigrationServicer):
+    def __init__(self, mode: str, ram: int) -> None:
+        self.mode, self.ram = mode, ram
+        self.npages = ram // PS
+
+    def Handshake(self, request, context):  # type: ignore[no-untyped-def]
+        page_size = PS * 2 if self.mode == "page-size" and not request.prepare_only else PS
+        state = {"config": {"workload": "random", "write_permille": 0, "zero_pct": 0, "text_pct": 0, "nvcpus": 2},
+                 "vcpus": [{"rng": 12345, "cursor": 0, "ops": 0, "reads": 0, "writes": 0}] * 2}  # fmt: skip
+        return pb.Manifest(
+            protocol_version=PROTOCOL_VERSION, migration_id="evil", ram_size=self.ram, page_size=page_size,
+            vcpu_state=json.dumps(state).encode(), zero_map_zstd=zstandard.ZstdCompressor().compress(bytes(self.npages)),
+            vcpus=2,
+        )  # fmt: skip
+
+    def _batch(self, first: int, count: int, rid: int = 0) -> pb.PageBatch:
+        data = PAGE * count
+        crcs = [zlib.crc32(PAGE)] * count
+        codec = pb.CODEC_NONE
+        if self.mode == "bad-crc":
+            crcs[-1] ^= 1
+        elif self.mode == "truncated":
+            data = data[:-100]
+        elif self.mode == "oversized":
+            data += b"x" * 100
+        elif self.mode == "bad-zstd" and rid == 0:
+            codec, data = pb.CODEC_ZSTD, zstandard.ZstdCompressor().compress(data)[:-7]
+        return pb.PageBatch(request_id=rid, first_page=first, count=count, flags=b"\x01" * count, codec=codec,
+                            data=data, raw_size=count * PS, crc32=crcs)  # fmt: skip
+
+    def Demand(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        for req in request_iterator:
+            first = (req.first_page + 7) % (self.npages - req.count) if self.mode == "unasked" else req.first_page
+            yield self._batch(first, req.count, req.request_id)
+
+    def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
+        next(request_iterator)
+        if self.mode == "unasked":  # only the demand channel lies in this mode; keep bulk quiet
+            context.abort(grpc.StatusCode.UNAVAILABLE, "bulk unavailable")  # forces demand faults
+        for first in range(0, self.npages, 64):
+            yield self._batch(first, min(64, self.npages - first))
+        yield pb.PageBatch(last=True)
+
+    def Complete(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.CompleteReply()
+
+    def Cancel(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.CancelReply()
+
+
+def start(mode: str, ram: int, secret: str) -> tuple[grpc.Server, str]:
+    server = grpc.server(futures.ThreadPoolExecutor(8), interceptors=[SecretInterceptor(secret)],
+                         options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
+    pb_grpc.add_MigrationServicer_to_server(EvilSource(mode, ram), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    return server, f"127.0.0.1:{port}"
