@@ -34,7 +34,7 @@ PS = 4096
 RAM = 32 << 20
 NPAGES = RAM // PS
 MAX_DEMAND = 256
-COUNTER = {"requests": 0}
+COUNTER = {"requests": 0, "rejected": 0}
 
 
 @pytest.fixture(scope="module")
@@ -130,6 +130,7 @@ def test_demand_requests(paused_source: dict, reqs: list[tuple[int, int]]) -> No
         with pytest.raises(grpc.RpcError) as err:
             next(answers)
         assert err.value.code() == want, (f, c, err.value.details())
+        COUNTER["rejected"] += 1
         break
 
 
@@ -157,6 +158,7 @@ def test_bulk_controls(paused_source: dict, ctl: pb.StreamControl) -> None:
         assert not (bad_seek or bad_codec or bad_batch or ctl.missing_map_zstd), ctl
         assert first.last or len(first.flags) == first.count
     except grpc.RpcError as exc:
+        COUNTER["rejected"] += 1
         assert exc.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.OUT_OF_RANGE), exc.details()
         assert bad_seek or bad_codec or bad_batch or ctl.missing_map_zstd, (ctl, exc.details())
     finally:
@@ -175,11 +177,13 @@ def test_handshakes_completions_and_garbage(paused_source: dict, version: int, p
     except grpc.RpcError as exc:
         want = grpc.StatusCode.FAILED_PRECONDITION if version != PROTOCOL_VERSION else grpc.StatusCode.ALREADY_EXISTS
         assert exc.code() == want, exc.details()
+        COUNTER["rejected"] += 1
     if mid != ctx["manifest"].migration_id:
         for rpc, req in ((stub.Complete, pb.CompleteRequest(migration_id=mid)), (stub.Cancel, pb.CancelRequest(migration_id=mid))):
             with pytest.raises(grpc.RpcError) as err:
                 rpc(req, metadata=md, timeout=10)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            COUNTER["rejected"] += 1
     # bytes that are not a message of the method they are sent to
     raw = grpc.insecure_channel(ctx["address"])
     try:
@@ -188,6 +192,7 @@ def test_handshakes_completions_and_garbage(paused_source: dict, version: int, p
         try:
             call(garbage, metadata=md, timeout=10)
         except grpc.RpcError as exc:
+            COUNTER["rejected"] += 1
             assert exc.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.FAILED_PRECONDITION,
                                   grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.UNKNOWN), exc.details()  # fmt: skip
     finally:
@@ -217,6 +222,8 @@ def test_garbage_on_the_port_then_still_serving_and_memory_unchanged(paused_sour
 
 def test_the_count_and_the_memory(paused_source: dict) -> None:
     """Runs last in this module: >= 10,000 requests sent, the guest's RAM as at the pause."""
+    print(f"\n[hostile] {COUNTER['requests']} requests sent, {COUNTER['rejected']} malformed ones rejected "
+          f"with a precise status")
     assert COUNTER["requests"] >= 10_000, COUNTER
     ctx = paused_source
     assert _digest(ctx["pid"], ctx["addr"]) == ctx["at_pause"]  # not a byte of guest memory changed
