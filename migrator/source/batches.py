@@ -11,19 +11,27 @@ from __future__ import annotations
 
 import time
 import zlib
+from typing import Protocol
 
 import zstandard
 
-from migrator.source.ram_reader import RamReader
 from migrator.wire import migration_pb2 as pb
 
 FLAG_OMITTED, FLAG_DATA, FLAG_ZERO = 0, 1, 2
 
 
+class PageReader(Protocol):
+    """Where a batch's pages come from: a paused guest (RamReader) or an image."""
+
+    page_size: int
+
+    def read_into(self, first: int, buf: memoryview) -> None: ...
+
+
 class BatchBuilder:
     """Builds batches with one reusable read buffer; one builder per thread."""
 
-    def __init__(self, reader: RamReader, untouched: bytes, max_pages: int, zstd_level: int = 1) -> None:
+    def __init__(self, reader: PageReader, untouched: bytes, max_pages: int, zstd_level: int = 1) -> None:
         self.reader = reader
         self.ps = reader.page_size
         self.untouched = untouched
