@@ -20,7 +20,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-import zstandard
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,17 +55,17 @@ def paused_source(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
 
 def _ram_address(pid: int, manifest: pb.Manifest) -> int:
     """Find the guest's RAM: the mapping whose pages hold their own index (guest_sim's format)."""
-    untouched = zstandard.ZstdDecompressor().decompress(manifest.zero_map_zstd)
-    probe = next(i for i in range(NPAGES - 1, 0, -1) if not untouched[i])
+    probes = range(NPAGES - 1, NPAGES - 400, -1)
     with open(f"/proc/{pid}/maps") as f, open(f"/proc/{pid}/mem", "rb") as mem:
         for line in f:
             lo, hi = (int(x, 16) for x in line.split()[0].split("-"))
             if hi - lo < RAM:
                 continue
             for base in range(lo, hi - RAM + 1, PS):
-                mem.seek(base + probe * PS + 8)
-                if int.from_bytes(mem.read(8), "little") == probe:
-                    return base
+                for probe in probes:
+                    mem.seek(base + probe * PS + 8)
+                    if int.from_bytes(mem.read(8), "little") == probe:
+                        return base
     raise AssertionError("guest RAM not found")
 
 

@@ -315,3 +315,20 @@ def test_state_machine_never_installs_a_page_twice(ops: list[tuple[str, int, int
         assert all(t.state[p] == PRESENT for p in range(npages) if installs[p])
         assert t.all_present.is_set() == (t.present == npages)
         assert not any(t.state[p] == PRESENT for p in t.waiting)
+
+
+def test_bulk_seek_after_a_fault_on_the_last_pages_wraps() -> None:
+    """A fault in the last window must not seek past the end (the source refuses that)."""
+    from migrator.dest.prefetch import Prefetcher
+    from migrator.stats import DestStats
+
+    seeks: list[int] = []
+
+    class _Stream:
+        def seek(self, page: int) -> None:
+            seeks.append(page)
+
+    p = Prefetcher(None, None, PageTable(100), bytes(100), DestStats(), "none", True, 64, lambda e: None)  # type: ignore[arg-type]
+    p._stream = _Stream()  # type: ignore[assignment]
+    p.after_fault(96, 4)
+    assert seeks == [0]

@@ -25,6 +25,7 @@ import itertools
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import zstandard
 
@@ -61,6 +62,7 @@ class Channels:
         self.lost = threading.Event()
         self.lost_exc: BaseException | None = None
         self.reconnects = 0
+        self.handler: Any = None  # the FaultHandler, whose zero map we keep current
         self.demand = self._new_demand()
         self.prefetcher = self._new_prefetcher(b"", cfg.prefetch_delay)
 
@@ -69,10 +71,19 @@ class Channels:
 
     def _new_prefetcher(self, missing_zstd: bytes, delay: float = 0.0) -> Prefetcher:
         cfg = self.cfg
-        return Prefetcher(
+        p = Prefetcher(
             self.src, self.installer, self.table, self.zero_map, self.stats, cfg.compress, self.loopback,
             cfg.batch_pages, self.on_error, delay, missing_zstd,
         )  # fmt: skip
+        p.on_zero_map = self._zero_map_arrived
+        return p
+
+    def _zero_map_arrived(self, zero_map: bytes) -> None:
+        """The map of never-touched pages came with the first bulk batch: the fault
+        handler resolves faults on them locally from now on."""
+        self.zero_map = zero_map
+        if self.handler is not None:
+            self.handler.zero_map = zero_map
 
     # -- called from the fault threads and the stream threads ---------------------------
     def request(self, page: int, count: int) -> None:
@@ -131,7 +142,7 @@ class Channels:
         missing = bytes(1 if s != PRESENT else 0 for s in self.table.state)
         self.demand = self._new_demand()
         self.prefetcher = self._new_prefetcher(zstandard.ZstdCompressor(level=1).compress(missing))
-        self.start()
-        again = self.demand.resend_outstanding()
+        again = len(self.outstanding)
+        self.start()  # the new demand stream sends every unanswered request again
         self.say(f"reconnected to the source (reconnection {self.reconnects}); asked again for {again} requests, "
                  f"{missing.count(1)} pages still missing")  # fmt: skip

@@ -68,6 +68,7 @@ class _LocalBulk:
         src = self._src
         builder = BatchBuilder(src.reader, src.untouched, self._batch)
         need = bytearray(src.untouched)  # 0 = still to send
+        zero_map: bytes | None = zstandard.ZstdCompressor().compress(src.untouched)
         while not self._closed.is_set():
             p = need.find(0, self._pos)
             if p < 0:
@@ -78,8 +79,11 @@ class _LocalBulk:
             include = bytes(1 - b for b in need[p:end])
             need[p:end] = b"\x01" * (end - p)
             self._pos = end
-            yield builder.build(p, end - p, include, self._codec)
-        yield pb.PageBatch(last=True, sent_unix_ns=time.time_ns())
+            batch = builder.build(p, end - p, include, self._codec)
+            if zero_map is not None:
+                batch.zero_map_zstd, zero_map = zero_map, None
+            yield batch
+        yield pb.PageBatch(last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map or b"")
 
     def close(self) -> None:
         self._closed.set()
@@ -103,7 +107,6 @@ class LocalPageSource:
         m = self.describe()
         m.migration_id = uuid.uuid4().hex
         m.vcpu_state = json.dumps(self.vcpu_state).encode()
-        m.zero_map_zstd = zstandard.ZstdCompressor().compress(self.untouched)
         m.paused_unix_ns = time.time_ns()
         return m
 

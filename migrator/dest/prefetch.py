@@ -59,29 +59,36 @@ class DemandChannel:
         # one.  Shared with the channel that replaces this one after a
         # reconnection, which sends them again.
         self._outstanding: dict[int, tuple[int, int]] = outstanding if outstanding is not None else {}
-        self._stream: DemandStream = source.open_demand()
+        self._source = source
+        # The stream opens at start(), which may come after the guest resumed
+        # (keeping it out of the downtime): requests made before are recorded
+        # and sent by start().  The lock makes "recorded and sent" exactly once.
+        self._lock = threading.Lock()
+        self._stream: DemandStream | None = None
         self._thread = threading.Thread(target=self._run, name="demand-rx", daemon=True)
         self._stopping = False
 
     def start(self) -> None:
+        """Open the stream and send every request not yet answered (after a
+        reconnection: those the lost stream carried)."""
+        with self._lock:
+            self._stream = self._source.open_demand()
+            for rid, (first, count) in list(self._outstanding.items()):
+                self._stream.request(rid, first, count)
         self._thread.start()
-
-    def resend_outstanding(self) -> int:
-        """After a reconnection: ask again for everything not yet answered."""
-        items = list(self._outstanding.items())
-        for rid, (first, count) in items:
-            self._stream.request(rid, first, count)
-        return len(items)
 
     def request(self, first: int, count: int) -> None:
         rid = next(self._ids)
-        self._outstanding[rid] = (first, count)  # before sending: the reply may be fast
-        self._stream.request(rid, first, count)
+        with self._lock:
+            self._outstanding[rid] = (first, count)  # before sending: the reply may be fast
+            if self._stream is not None:
+                self._stream.request(rid, first, count)
         self.stats.add(demand_requests=1)
 
     def _run(self) -> None:
         try:
             inst = self.installer
+            assert self._stream is not None
             for batch in self._stream.responses():
                 asked = self._outstanding.pop(batch.request_id, None)
                 if asked != (batch.first_page, batch.count):
@@ -100,7 +107,9 @@ class DemandChannel:
 
     def stop(self) -> None:
         self._stopping = True
-        self._stream.close()
+        with self._lock:
+            if self._stream is not None:
+                self._stream.close()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
 
@@ -123,6 +132,7 @@ class Prefetcher:
         self.source = source
         self.delay_s = delay_s
         self.missing_zstd = missing_zstd  # after a reconnection: what the source must send again
+        self.on_zero_map: Callable[[bytes], None] | None = None
         self._stop_evt = threading.Event()
         self.installer = installer
         self.table = table
@@ -149,10 +159,11 @@ class Prefetcher:
     def after_fault(self, page: int, count: int) -> None:
         """Called by a fault thread after it requested [page, page+count)."""
         now = time.monotonic()
-        if self._stream is not None and policy.should_seek(page + count, self._seek_pos, now - self._last_seek):
+        target = (page + count) % self.table.npages  # past the last page: wrap (the source refuses a seek beyond)
+        if self._stream is not None and policy.should_seek(target, self._seek_pos, now - self._last_seek):
             self._last_seek = now
-            self._seek_pos = page + count
-            self._stream.seek(page + count)
+            self._seek_pos = target
+            self._stream.seek(target)
 
     def _install_zero_runs(self, limit: int) -> None:
         """Map up to ``limit`` runs of never-touched pages (all if limit < 0).
@@ -180,6 +191,8 @@ class Prefetcher:
             probe_t0 = 0.0
             probe_bytes = 0
             for batch in self._stream.responses():
+                if batch.zero_map_zstd:
+                    self._take_zero_map(batch.zero_map_zstd)
                 if batch.last:
                     break
                 wire, data = inst.decode(batch)
@@ -205,6 +218,20 @@ class Prefetcher:
         except BaseException as exc:  # noqa: BLE001
             if not self._stopping:
                 self.on_error(exc)
+
+    def _take_zero_map(self, zstd_map: bytes) -> None:
+        """The source's map of never-touched pages (first bulk batch): validate, then use it."""
+        npages = self.table.npages
+        try:
+            zero_map = zstandard.ZstdDecompressor().decompress(zstd_map, max_output_size=npages)
+        except zstandard.ZstdError as exc:
+            raise ProtocolError(f"bad zero map: {exc}") from exc
+        if len(zero_map) != npages or zero_map.translate(None, b"\x00\x01"):
+            raise ProtocolError("zero map must be one 0/1 byte per page", got=len(zero_map), want=npages)
+        self.zero_map = zero_map
+        self._zero_runs = policy.runs_of(zero_map, 1, max_run=4096)
+        if self.on_zero_map is not None:
+            self.on_zero_map(zero_map)
 
     def _decide_codec(self, link_rate: float, sample: bytes) -> None:
         """compress=auto: compare the measured link with this machine's compressor."""

@@ -172,25 +172,32 @@ class DestinationSession:
         faults: FaultThreads | None = None
         resumed = False
         try:
-            manifest = src.handshake()
+            # Everything that does not need the manifest is ready before the pause.
+            # The zero map comes with the first bulk batch (outside the downtime);
+            # until then no page is known to be zero and faults go to the source.
+            loopback = _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True
+            zero_map = bytes(npages)
+            channels = Channels(src, installer, table, zero_map, stats, cfg, loopback, self.fail, self.say)
+            handler = FaultHandler(uffd, table, installer, zero_map, h.addr, h.page_size, channels.request, cfg.demand_window)
+            channels.handler = handler
+            faults = FaultThreads(uffd, handler, cfg.fault_threads, self.fail)
+            faults.start()
+            niced = _deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
+
+            manifest = src.handshake()  # the source pauses: downtime starts
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
-            zero_map = zstandard.ZstdDecompressor().decompress(manifest.zero_map_zstd, max_output_size=npages)
-            if len(zero_map) != npages:
-                raise ProtocolError("zero map has the wrong length", got=len(zero_map), want=npages)
-            loopback = _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True
-            channels = Channels(src, installer, table, zero_map, stats, cfg, loopback, self.fail, self.say)
-            request = channels.request
-            handler = FaultHandler(uffd, table, installer, zero_map, h.addr, h.page_size, request, cfg.demand_window)
-            faults = FaultThreads(uffd, handler, cfg.fault_threads, self.fail)
-            faults.start()
+            if manifest.zero_map_zstd:
+                given = zstandard.ZstdDecompressor().decompress(manifest.zero_map_zstd, max_output_size=npages)
+                if len(given) != npages:
+                    raise ProtocolError("zero map has the wrong length", got=len(given), want=npages)
+                channels._zero_map_arrived(given)
+            state = json.loads(manifest.vcpu_state)
+            reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
+            resumed = True  # downtime ends; faults until the streams open are recorded and sent then
             channels.start()
             self.channels = channels
-            state = json.loads(manifest.vcpu_state)
-            niced = _deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
-            reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
-            resumed = True
             out = Outcome(manifest, stats, guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.tids = list(reply.get("tids", []))
             log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)

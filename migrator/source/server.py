@@ -85,6 +85,8 @@ class SourceSession:
         self._lock = threading.Lock()
         self._reader: RamReader | None = None
         self._untouched = b""
+        self._untouched_zstd = b""
+        self._map_ready = threading.Event()
         self._need = bytearray()  # 0 = not yet sent and touched; bulk sends these
         self._sent = bytearray()  # 1 = sent at least once (for the duplicate count)
         self._rate = _RateSampler(guest)
@@ -113,24 +115,41 @@ class SourceSession:
         reply = self.guest.call("pause")
         self.paused_ns = int(reply["paused_ns"])
         self._reader = RamReader(h.pid, h.addr, h.size, h.page_size)
-        self._untouched = self._reader.untouched_map()
         with self._lock:
-            self._need = bytearray(self._untouched)
+            self._untouched = bytes(self.npages)  # until the map is read: nothing known to be untouched
+            self._need = bytearray(self.npages)
             self._sent = bytearray(self.npages)
+            self._map_ready.clear()
             self.migration_id = uuid.uuid4().hex
             self.phase = "paused"
+        # Reading pagemap costs ~10 ms per GiB: do it after the reply, outside the downtime.
+        threading.Thread(target=self._read_untouched, name="pagemap", daemon=True).start()
         return pb.Manifest(
             protocol_version=PROTOCOL_VERSION,
             migration_id=self.migration_id,
             ram_size=h.size,
             page_size=h.page_size,
             vcpu_state=json.dumps(reply["state"]).encode(),
-            zero_map_zstd=zstandard.ZstdCompressor(level=3).compress(self._untouched),
             paused_unix_ns=self.paused_ns,
             vcpus=h.vcpus,
             ops_per_s_before=ops_before,
             guest_pid=h.pid,
         )
+
+    def _read_untouched(self) -> None:
+        reader = self._reader
+        assert reader is not None
+        try:
+            untouched = reader.untouched_map()
+        except Exception as exc:  # noqa: BLE001 - the guest died; streams report it
+            log.error("cannot read the guest's pagemap: %s", exc)
+            untouched = bytes(self.npages)
+        with self._lock:
+            self._untouched = untouched
+            self._untouched_zstd = zstandard.ZstdCompressor(level=3).compress(untouched)
+            need = self._need
+            need[:] = bytes(a | b for a, b in zip(need, untouched)) if need.count(1) else untouched
+        self._map_ready.set()
 
     def _check_serving(self, migration_id: str) -> RamReader:
         if self.phase != "paused" or self._reader is None:
@@ -185,6 +204,7 @@ class SourceSession:
                     grpc.StatusCode.OUT_OF_RANGE,
                     f"pages {req.first_page}+{req.count} outside guest RAM of {self.npages} pages",
                 )
+            builder.untouched = self._untouched  # known-zero flags once the map is read
             first, count = req.first_page, req.count
             with self._lock:
                 sl = slice(first, first + count)
@@ -234,7 +254,10 @@ class SourceSession:
                 pass  # the stream ended; the generator below sees it too
 
         threading.Thread(target=follow, name="bulk-control", daemon=True).start()
+        if not self._map_ready.wait(60):
+            raise PhaseError(grpc.StatusCode.UNAVAILABLE, "the guest's page map is not ready")
         builder = BatchBuilder(reader, self._untouched, batch_pages)
+        zero_map: bytes | None = self._untouched_zstd  # travels with the first batch
         while True:
             if bad:
                 raise bad[0]
@@ -253,8 +276,10 @@ class SourceSession:
             batch = builder.build(p, end - p, include, codec[0])
             self.stats.bulk_pages += batch.count - batch.flags.count(0)
             self.stats.bytes_sent += len(batch.data)
+            if zero_map is not None:
+                batch.zero_map_zstd, zero_map = zero_map, None
             yield batch
-        yield pb.PageBatch(last=True, sent_unix_ns=time.time_ns())
+        yield pb.PageBatch(last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map or b"")
 
     def _resume_from(self, missing_zstd: bytes) -> None:
         """A reconnected destination says which pages it still lacks: send them again."""

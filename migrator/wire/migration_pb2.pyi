@@ -69,7 +69,7 @@ class StreamControl(_message.Message):
     def __init__(self, seek_page: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., batch_pages: _Optional[int] = ..., missing_map_zstd: _Optional[bytes] = ...) -> None: ...
 
 class PageBatch(_message.Message):
-    __slots__ = ("request_id", "first_page", "count", "flags", "codec", "data", "raw_size", "crc32", "last", "sent_unix_ns")
+    __slots__ = ("request_id", "first_page", "count", "flags", "codec", "data", "raw_size", "crc32", "last", "sent_unix_ns", "zero_map_zstd")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_PAGE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class PageBatch(_message.Message):
     CRC32_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
+    ZERO_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
     request_id: int
     first_page: int
     count: int
@@ -90,7 +91,8 @@ class PageBatch(_message.Message):
     crc32: _containers.RepeatedScalarFieldContainer[int]
     last: bool
     sent_unix_ns: int
-    def __init__(self, request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ..., flags: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., raw_size: _Optional[int] = ..., crc32: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., sent_unix_ns: _Optional[int] = ...) -> None: ...
+    zero_map_zstd: bytes
+    def __init__(self, request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ..., flags: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., raw_size: _Optional[int] = ..., crc32: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., sent_unix_ns: _Optional[int] = ..., zero_map_zstd: _Optional[bytes] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("migration_id", "pages_installed")
