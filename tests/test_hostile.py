@@ -16,7 +16,6 @@ import hashlib
 import os
 import socket
 import zlib
-from pathlib import Path
 
 import grpc
 import pytest

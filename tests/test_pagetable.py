@@ -141,7 +141,7 @@ def test_installed_marks_present_and_reports_waiters() -> None:
     assert t.waiting == {}
     assert states(t)[2:6] == [PRESENT] * 4
     assert t.present == 4
-    assert t.snapshot_counts() == (4, 0)
+    assert (t.present, states(t).count(REQUESTED)) == (4, 0)
 
 
 def test_installed_ignores_pages_not_in_the_mask() -> None:
@@ -177,15 +177,16 @@ def test_unclaim_only_touches_the_callers_pages() -> None:
     assert t.state[0] == PRESENT
 
 
-def test_claim_range_all_missing() -> None:
+def test_claim_whole_run_all_missing() -> None:
+    """The fast path: every page of the run is missing and held: all of it is ours."""
     t = PageTable(16)
-    assert t.claim_range(4, 8) is True
+    assert t.claim(4, b"\x02" * 8) == bytearray(b"\x01" * 8)
     assert states(t)[4:12] == [INSTALLING] * 8
     assert t.state[3] == MISSING and t.state[12] == MISSING
 
 
 @pytest.mark.parametrize("busy_state", ["requested", "installing", "present"])
-def test_claim_range_refuses_and_changes_nothing_if_any_page_is_not_missing(busy_state: str) -> None:
+def test_claim_run_skips_exactly_the_busy_page(busy_state: str) -> None:
     t = PageTable(16)
     if busy_state == "requested":
         t.on_fault(7, 1)
@@ -194,13 +195,18 @@ def test_claim_range_refuses_and_changes_nothing_if_any_page_is_not_missing(busy
         if busy_state == "present":
             t.installed(7, mine)
     before = states(t)
-    assert t.claim_range(4, 8) is False
-    assert states(t) == before
+    mine = t.claim(4, b"\x02" * 8)
+    if busy_state == "requested":  # a requested page may be installed by whoever holds it first
+        assert mine == bytearray(b"\x01" * 8)
+    else:
+        assert mine == bytearray(b"\x01\x01\x01\x00\x01\x01\x01\x01")
+        assert t.state[7] == before[7]
 
 
-def test_claim_range_past_the_end_is_refused() -> None:
+def test_claim_past_the_end_is_refused() -> None:
     t = PageTable(8)
-    assert t.claim_range(6, 4) is False
+    with pytest.raises(ValueError):
+        t.claim(6, b"\x02" * 4)
     assert states(t) == [MISSING] * 8
 
 
@@ -217,27 +223,15 @@ def test_all_present_is_set_by_the_last_install_only() -> None:
     t.installed(3, m2)
     assert t.all_present.is_set()
     assert t.present == 6
-    assert t.next_missing(0) == -1
+    assert states(t).count(MISSING) == 0
 
 
-def test_next_missing_wraps_around() -> None:
-    t = PageTable(8)
-    t.installed(0, t.claim(0, b"\x01" * 8))
-    assert t.next_missing(0) == -1
-    t2 = PageTable(8)
-    t2.installed(2, t2.claim(2, b"\x01" * 6))
-    assert t2.next_missing(0) == 0
-    assert t2.next_missing(1) == 1
-    assert t2.next_missing(2) == 0  # nothing from 2 on: wraps to the start
-    assert t2.next_missing(7) == 0
-
-
-def test_snapshot_counts_reports_present_and_requested() -> None:
+def test_present_and_requested_counts() -> None:
     t = PageTable(10)
     t.on_fault(0, 1)
     t.request_window(0, 3, bytes(10))
     t.installed(5, t.claim(5, b"\x01\x01"))
-    assert t.snapshot_counts() == (2, 3)
+    assert (t.present, states(t).count(REQUESTED)) == (2, 3)
 
 
 # -- exactly once, under concurrency ------------------------------------------------------

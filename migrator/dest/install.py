@@ -15,7 +15,7 @@ from __future__ import annotations
 import ctypes
 import time
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import zstandard
 
@@ -157,59 +157,40 @@ class Installer:
             self.stats.timeline.append((now, "zero", 1, 0))
 
     def install_zero_range(self, first: int, count: int) -> int:
-        """Map a run of known-zero pages, if all of it is still missing."""
-        if not self.table.claim_range(first, count):
-            flags = b"\x02" * count
-            return self.install(first, flags, b"", "zero")
-        mine = b"\x01" * count
-        try:
-            self._zero_run(self.base + first * self.ps, count * self.ps)
-        except BaseException:
-            self.table.unclaim(first, mine)
-            raise
-        self.table.installed(first, mine)
-        with self.stats.lock:
-            self.stats.pages_zero += count
-            self.stats.timeline.append((time.perf_counter_ns(), "zero", count, 0))
-        return count
+        """Map a run of known-zero pages (those still missing); returns pages mapped."""
+        return self.install(first, bytes([FLAG_ZERO]) * count, b"", "zero")
 
     def _copy_run(self, dst: int, src: int, length: int) -> None:
-        ps = self.ps
-        done = 0
-        tries = 0
+        def op(off: int, n: int) -> int:
+            if n == self.ps:  # the fast single-page ioctl: nothing copied when it fails
+                self.uffd.copy_page(dst + off, src + off, n)
+                return n
+            return self.uffd.copy(dst + off, src + off, n)
+
+        self._fill(op, length)
+
+    def _zero_run(self, dst: int, length: int) -> None:
+        self._fill(lambda off, n: self.uffd.zeropage(dst + off, n), length)
+
+    def _fill(self, op: Callable[[int, int], int], length: int) -> None:
+        """Run a COPY/ZEROPAGE ioctl over [0, length) to the end, across the benign races.
+
+        EEXIST: the kernel stopped at a page that is already there: skip it.
+        EAGAIN with progress: a run stopped early: go on from there.
+        EAGAIN without progress: the address space is changing: retry, bounded.
+        """
+        done = tries = 0
         while done < length:
             try:
-                if length - done == ps:
-                    self.uffd.copy_page(dst + done, src + done, ps)
-                    done += ps
-                else:
-                    done += self.uffd.copy(dst + done, src + done, length - done)
+                done += op(done, length - done)
             except PageExists as exc:
-                done += getattr(exc, "copied", 0) + ps  # skip the page that is already there
+                done += getattr(exc, "copied", 0) + self.ps
                 self.stats.add(kernel_eexist=1)
             except RetryLater as exc:
                 copied = getattr(exc, "copied", 0)
                 done += copied
                 if copied:
-                    continue  # a run stopped early (e.g. at a present page): go on from there
-                tries += 1
-                self.stats.add(kernel_eagain=1)
-                if tries > MAX_EAGAIN:
-                    raise
-                time.sleep(0.0001)
-
-    def _zero_run(self, dst: int, length: int) -> None:
-        ps = self.ps
-        done = 0
-        tries = 0
-        while done < length:
-            try:
-                done += self.uffd.zeropage(dst + done, length - done)
-            except PageExists as exc:
-                done += getattr(exc, "copied", 0) + ps
-                self.stats.add(kernel_eexist=1)
-            except RetryLater as exc:
-                done += getattr(exc, "copied", 0)
+                    continue
                 tries += 1
                 self.stats.add(kernel_eagain=1)
                 if tries > MAX_EAGAIN:

@@ -21,6 +21,7 @@ import zstandard
 
 from migrator import PROTOCOL_VERSION
 from migrator.source.batches import BatchBuilder
+from migrator.source.server import FLIP01
 from migrator.wire import migration_pb2 as pb
 
 
@@ -76,7 +77,7 @@ class _LocalBulk:
             if p < 0:
                 break
             end = min(p + self._batch, src.npages)
-            include = bytes(1 - b for b in need[p:end])
+            include = need[p:end].translate(FLIP01)
             need[p:end] = b"\x01" * (end - p)
             self._pos = end
             batch = builder.build(p, end - p, include, self._codec)

@@ -68,6 +68,8 @@ class PageTable:
         ``flags[i]`` nonzero means the caller holds page ``first+i``'s contents.
         """
         n = len(flags)
+        if first + n > self.npages:
+            raise ValueError(f"pages {first}+{n} outside the table of {self.npages}")
         with self._lock:
             st = self.state
             seg = st[first : first + n]
@@ -81,15 +83,6 @@ class PageTable:
                     st[first + i] = INSTALLING
                     mine[i] = 1
         return mine
-
-    def claim_range(self, first: int, count: int) -> bool:
-        """Claim a whole range if every page in it is MISSING (zero-map fast path)."""
-        with self._lock:
-            sl = self.state[first : first + count]
-            if sl.count(MISSING) != count:
-                return False
-            self.state[first : first + count] = bytes([INSTALLING]) * count
-            return True
 
     def installed(self, first: int, mine: bytes | bytearray) -> list[tuple[int, int, int]]:
         """Mark claimed pages PRESENT; returns (page, fault_time_ns, ptid) of waited-on pages."""
@@ -120,13 +113,3 @@ class PageTable:
             for i, m in enumerate(mine):
                 if m:
                     self.state[first + i] = MISSING
-
-    def next_missing(self, start: int) -> int:
-        """First MISSING page at or after start (wrapping), or -1."""
-        with self._lock:
-            p = self.state.find(MISSING, start)
-            return p if p >= 0 else self.state.find(MISSING)
-
-    def snapshot_counts(self) -> tuple[int, int]:
-        with self._lock:
-            return self.present, self.state.count(REQUESTED)

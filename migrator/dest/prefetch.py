@@ -149,7 +149,6 @@ class Prefetcher:
         self._last_seek = 0.0
         self._seek_pos = -1
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
-        self.finished_ns = 0
 
     def start(self) -> None:
         if self.delay_s <= 0:
@@ -214,7 +213,7 @@ class Prefetcher:
                         self._decide_codec(probe_bytes / elapsed, data)
                         probe_bytes = -1
             self._install_zero_runs(-1)
-            self.finished_ns = self.stats.bulk_finished_ns = time.perf_counter_ns()
+            self.stats.bulk_finished_ns = time.perf_counter_ns()
         except BaseException as exc:  # noqa: BLE001
             if not self._stopping:
                 self.on_error(exc)

@@ -45,7 +45,7 @@ class BatchBuilder:
         self.bytes_raw = 0
         self.bytes_wire = 0
 
-    def build(self, first: int, count: int, include: bytes | None, codec: int, request_id: int = 0) -> pb.PageBatch:
+    def build(self, first: int, count: int, include: bytes | bytearray | None, codec: int, request_id: int = 0) -> pb.PageBatch:
         """``include``: one byte per page, nonzero = send it; None = send all."""
         assert 0 < count <= self.max_pages
         ps, view, zero = self.ps, self._view, self._zero
