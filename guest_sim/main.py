@@ -7,7 +7,8 @@ guest also creates a userfaultfd for it and passes the fd along with the hello
 monitor.  Only the process whose memory a uffd watches can create it; every
 other uffd operation is the monitor's.
 
-Control messages are JSON lines: pause, resume, stats, verify, set, quit.  When
+Control messages are JSON lines: pause, resume, stats, verify, set, quit; each
+carries an ``id`` that its reply echoes.  When
 the monitor goes away (EOF, or its death via PR_SET_PDEATHSIG) the guest exits:
 a guest without its monitor could only fault forever or read zeros.
 """
@@ -133,16 +134,18 @@ def _serve(guest: Guest, sock: socket.socket) -> int:
     }
     f = sock.makefile("rb")
     for line in f:
+        cid = None
         try:
             msg = json.loads(line)
-            cmd = msg.get("cmd")
+            cmd, cid = msg.get("cmd"), msg.get("id")
             if cmd == "quit":
-                sock.sendall(b'{"ok": true}\n')
+                sock.sendall(json.dumps({"ok": True, "id": cid}).encode() + b"\n")
                 return 0
             handler = handlers.get(cmd)
             reply = handler(msg) if handler else {"ok": False, "error": f"unknown command {cmd!r}"}
-        except (ValueError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
             reply = {"ok": False, "error": f"bad control message: {exc}"}
+        reply["id"] = cid  # the monitor matches replies to calls by it
         sock.sendall(json.dumps(reply).encode() + b"\n")
     return EXIT_MONITOR_GONE
 

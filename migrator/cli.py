@@ -51,10 +51,35 @@ def run() -> None:
         sys.exit(130)
 
 
-def _have_matplotlib() -> bool:
-    import importlib.util
+def _listen_ok(listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise click.BadParameter(f"not HOST:PORT: {listen!r}", param_hint="--listen")
 
-    return importlib.util.find_spec("matplotlib") is not None
+
+def _have_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _writable(path: str | None, option: str) -> None:
+    """Refuse, before anything starts, a file option that could only fail later."""
+    if not path:
+        return
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
+        raise click.BadParameter(f"cannot write {path}: {folder} is not a writable folder", param_hint=option)
+
+
+def _plot_ok(plot: str | None) -> None:
+    if plot is None:
+        return
+    if not _have_matplotlib():
+        raise click.BadParameter("needs matplotlib: pip install 'migrator[plots]' (or ./dev.sh bench)", param_hint="--plot")
+    _writable(plot, "--plot")
 
 
 def _fail(exc: MigratorError) -> None:
@@ -62,12 +87,19 @@ def _fail(exc: MigratorError) -> None:
     sys.exit(exc.exit_code)
 
 
-def _stop_on_signals() -> threading.Event:
-    stop = threading.Event()
+class StopRequest(threading.Event):
+    """Set by SIGINT/SIGTERM; ``interactive`` tells a Ctrl-C from an operator's SIGTERM."""
+
+    interactive = False
+
+
+def _stop_on_signals() -> StopRequest:
+    stop = StopRequest()
 
     def handler(signum: int, _frame: object) -> None:
         if stop.is_set() and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        stop.interactive = signum == signal.SIGINT
         stop.set()
 
     signal.signal(signal.SIGINT, handler)
@@ -131,15 +163,24 @@ def _guest(kw: dict[str, Any]) -> GuestOptions:
 @guest_options
 @click.option("--ready-file", type=click.Path(dir_okay=False), help="Write {address, guest_pid} as JSON here once listening.")
 @click.option("--keep-guest", is_flag=True, help="After completion keep the paused guest until stopped.")
+@click.option("--switchover-timeout", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
+              help="Seconds after the pause within which the destination must take the guest; else it runs here again.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @lambda f: security_options(f, side="source")
-def source(listen: str, ready_file: str | None, keep_guest: bool, as_json: bool, secret_file: str | None, **kw: Any) -> None:
-    """Start a guest and serve its memory to one destination."""
+def source(listen: str, ready_file: str | None, keep_guest: bool, switchover_timeout: float, as_json: bool,
+           secret_file: str | None, **kw: Any) -> None:  # fmt: skip
+    """Start a guest and serve its memory to a destination.
+
+    The guest stays here until a destination has every page.  `kill -USR1 PID`
+    asks for a roll-back (refused while a destination may be running the guest);
+    `migrator rollback --force` does it anyway.
+    """
     from migrator.source.run import run_source
 
     tls = _tls(kw)
+    _writable(ready_file, "--ready-file")
     cfg = SourceConfig(listen=listen, guest=_guest(kw), ready_file=ready_file, keep_guest=keep_guest, json=as_json,
-                       secret_file=secret_file, tls=tls)  # fmt: skip
+                       secret_file=secret_file, tls=tls, switchover_timeout=switchover_timeout)  # fmt: skip
     stop = _stop_on_signals()
     rollback = threading.Event()
     signal.signal(signal.SIGUSR1, lambda _s, _f: rollback.set())  # the user's explicit roll-back
@@ -199,6 +240,11 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
     from migrator.runner import run_destination
 
     tls = _tls(kw)
+    # everything that can fail on its own fails now, before the source pauses its guest
+    _plot_ok(plot)
+    _writable(ready_file, "--ready-file")
+    if listen:
+        _listen_ok(listen)
     try:
         secret, _ = load_secret(secret_file, create=False)
     except MigratorError as exc:
@@ -254,6 +300,7 @@ def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: b
     if not result.ok:
         _fail(result.error())
     guest = _guest(kw)
+    _plot_ok(plot)
     cfg = DestConfig(source="127.0.0.1:0", run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
     stop = _stop_on_signals()
     try:
@@ -267,6 +314,34 @@ def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: b
         click.echo(f"timeline        {summary.extra['timeline_png']}")
     if not summary.ok:
         sys.exit(5)
+
+
+@main.command()
+@click.option("--source", "source_addr", default="127.0.0.1:7000", show_default=True, help="The source's page server.")
+@click.option("--force", is_flag=True,
+              help="Also when a destination may be running the guest (two live guests if it still does).")
+@lambda f: security_options(f, side="dest")
+def rollback(source_addr: str, force: bool, secret_file: str | None, **kw: Any) -> None:
+    """Take a migrating guest back on its source: it runs there again, from its state at the pause.
+
+    Refused while a destination may be running the guest (it switched over),
+    unless --force: use that only when the destination's host is gone for good.
+    """
+    from migrator.dest.source_client import GrpcPageSource
+
+    tls = _tls(kw)
+    try:
+        secret, _ = load_secret(secret_file, create=False)
+        src = GrpcPageSource(source_addr, secret=secret, tls=tls)
+        try:
+            message = src.rollback(force)
+        finally:
+            src.close()
+    except MigratorError as exc:
+        _fail(exc)
+    click.echo(f"source: {message}")
+    if not message.startswith("rolled back"):
+        sys.exit(1)
 
 
 @main.command()

@@ -41,6 +41,8 @@ class SourceConfig:
     json: bool = False
     secret_file: str | None = None  # else $MIGRATOR_SECRET, else a new one is printed
     tls: TlsFiles = TlsFiles()
+    # resume the guest here if the destination has not switched over this long after the pause
+    switchover_timeout: float = 5.0
 
 
 @dataclass(frozen=True)

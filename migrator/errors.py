@@ -7,11 +7,16 @@
     ├── TransportError                4  the peer cannot be reached, or went away
     │   ├── SourceUnreachable         4
     │   └── AuthError                 8  the peer refused our secret or certificate
+    ├── MigrationEnded                4  the source ended this migration (roll-back, timeout,
+    │                                    cancel): the guest runs there, not here
+    ├── SourceFailed                  4  the source could not do its part (its guest died or
+    │                                    would not pause); retrying cannot help
     ├── ProtocolError                 6  the peer sent something we refuse (version,
     │   │                                size, checksum, a page we did not ask for)
     │   └── IntegrityError            6  a page failed its checksum
     ├── GuestError                    5  the guest process died or failed its own checks
-    │   └── GuestDied                 5
+    │   ├── GuestDied                 5
+    │   └── GuestStalled              5  no reply within the deadline (the channel stays usable)
     └── UffdError                     7  an ioctl on the userfaultfd failed unexpectedly
         ├── PageExists                   EEXIST: the page is already mapped (benign race)
         ├── RetryLater                   EAGAIN: the mm is changing, try again
@@ -62,6 +67,16 @@ class AuthError(TransportError):
     exit_code = 8
 
 
+class MigrationEnded(MigratorError):
+    """The source ended the migration we are part of; retrying cannot help."""
+
+    exit_code = 4
+
+
+class SourceFailed(MigratorError):
+    exit_code = 4
+
+
 class ProtocolError(MigratorError):
     exit_code = 6
 
@@ -76,6 +91,10 @@ class GuestError(MigratorError):
 
 class GuestDied(GuestError):
     pass
+
+
+class GuestStalled(GuestError):
+    """The guest did not answer a control call in time; it may only be slow."""
 
 
 class UffdError(MigratorError):

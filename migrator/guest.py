@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from migrator.errors import GuestDied, GuestError, UnsupportedHost
+from migrator.errors import GuestDied, GuestError, GuestStalled, UnsupportedHost
 
 
 @dataclass(frozen=True)
@@ -126,7 +126,8 @@ class GuestProcess:
         elif fds:
             for fd in fds:
                 os.close(fd)
-        self._rfile = self.sock.makefile("rb")
+        self._buf = bytearray()
+        self._next_id = 0
         return Hello(
             pid=data["pid"], addr=data["addr"], size=data["size"], page_size=data["page_size"],
             table_pages=data["table_pages"], vcpus=data["vcpus"], tids=data.get("tids", []), uffd=uffd,
@@ -134,20 +135,60 @@ class GuestProcess:
 
     # -- control -----------------------------------------------------------------
     def call(self, cmd: str, timeout: float = 30.0, **kw: Any) -> dict[str, Any]:
-        """Send one control command and return its reply (raises if the guest is gone)."""
-        with self._lock:
-            self.sock.settimeout(timeout)
+        """Send one control command and return its reply.
+
+        Every command carries an id that the guest echoes; a reply that comes
+        after its call timed out is recognised by its id and dropped, so a slow
+        guest never desynchronises the channel.  Raises GuestStalled when no
+        reply came within ``timeout`` s (the guest may just be slow: the channel
+        stays usable), GuestDied/GuestError when the guest is gone.
+        """
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
+            raise GuestStalled(f"guest control channel busy for {timeout:g} s (another call waits for the guest)", cmd=cmd)
+        try:
+            self._next_id += 1
+            cid = self._next_id
             try:
-                self.sock.sendall(json.dumps({"cmd": cmd, **kw}).encode() + b"\n")
-                line = self._rfile.readline()
-            except (OSError, socket.timeout) as exc:
+                self.sock.settimeout(max(0.05, deadline - time.monotonic()))
+                self.sock.sendall(json.dumps({"cmd": cmd, "id": cid, **kw}).encode() + b"\n")
+            except socket.timeout:
+                raise GuestStalled(f"guest did not take the control command {cmd!r} within {timeout:g} s", cmd=cmd) from None
+            except OSError as exc:
                 raise self._gone(f"guest control call {cmd!r} failed: {exc}") from exc
-            if not line:
-                raise self._gone(f"guest closed its control connection during {cmd!r}")
-        reply: dict[str, Any] = json.loads(line)
+            while True:
+                line = self._readline(cmd, deadline, timeout)
+                reply: dict[str, Any] = json.loads(line)
+                if reply.get("id") == cid:
+                    break
+                # a late reply to a call that timed out: already given up on
+        finally:
+            self._lock.release()
         if not reply.get("ok"):
             raise GuestError(f"guest refused {cmd!r}: {reply.get('error')}")
         return reply
+
+    def _readline(self, cmd: str, deadline: float, timeout: float) -> bytes:
+        """One reply line from the guest, waiting until ``deadline`` (monotonic)."""
+        while True:
+            nl = self._buf.find(b"\n")
+            if nl >= 0:
+                line = bytes(self._buf[: nl + 1])
+                del self._buf[: nl + 1]
+                return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise GuestStalled(f"guest did not answer {cmd!r} within {timeout:g} s (stalled?)", cmd=cmd)
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            except OSError as exc:
+                raise self._gone(f"guest control call {cmd!r} failed: {exc}") from exc
+            if not chunk:
+                raise self._gone(f"guest closed its control connection during {cmd!r}")
+            self._buf += chunk
 
     def _gone(self, why: str) -> GuestError:
         try:
@@ -180,12 +221,12 @@ class GuestProcess:
         self.close()
 
     def close(self) -> None:
-        for obj in (getattr(self, "_rfile", None), getattr(self, "sock", None)):
-            if obj is not None:
-                try:
-                    obj.close()
-                except OSError:
-                    pass
+        sock = getattr(self, "sock", None)
+        if sock is not None:
+            try:
+                sock.close()
+            except OSError:
+                pass
         try:
             os.unlink(self.sock_path)
             os.rmdir(self._dir)

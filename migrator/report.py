@@ -53,6 +53,7 @@ def build_summary(out: Outcome, error: str = "") -> Summary:
         verified_pages=npages if out.verify.get("checked") else 0,
         verify_errors=verify_errors,
         guest_errors=guest_errors(out.guest_stats),
+        release=out.release.state if out.release is not None else "confirmed",
         error=error,
         extra={
             "faults_spurious": st.faults_spurious,

@@ -103,6 +103,7 @@ class Summary:
     verified_pages: int
     verify_errors: list[str]
     guest_errors: list[str]
+    release: str = "confirmed"  # the source released its copy (confirmed), or why not yet
     error: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -127,6 +128,7 @@ class Summary:
             f"(ratio {self.wire_ratio:.3f}, compression {self.compression})",
             f"guest progress  {self.ops_before:,.0f} ops/s before, {self.ops_during:,.0f} during, {self.ops_after:,.0f} after"
             f"; {self.guest_stalls} accesses stalled > 50 us ({self.guest_stall_ms:.0f} ms)",
+            f"source copy     {'released (confirmed by the source)' if self.release == 'confirmed' else 'release ' + self.release}",
         ]
         if self.verified_pages:
             lines.append(

@@ -161,7 +161,8 @@ def test_second_destination_is_refused(tmp_path: Path) -> None:
 
 def test_destination_killed_mid_migration(tmp_path: Path) -> None:
     """kill -9 of the destination: its guest dies with it (PDEATHSIG); the source keeps
-    its paused guest (memory may only be dropped after Complete) until it is stopped."""
+    its paused guest (memory may only be dropped after Complete) until it is stopped
+    (a first Ctrl-C is refused: a destination may still be running the guest)."""
     needs_userfaultfd()
     with procs.running_source(tmp_path, "256MiB") as (src, info):
         args = [*procs.MIGRATOR, "dest", "--source", str(info["address"]), "--run-for", "5", "--quiet"]
@@ -173,8 +174,14 @@ def test_destination_killed_mid_migration(tmp_path: Path) -> None:
         time.sleep(0.5)
         assert src.proc.poll() is None, f"source exited ({src.proc.returncode}):\n{src.stderr()}"
         assert procs.alive(int(info["guest_pid"])), "the source dropped its guest before any Complete"
-        src.signal(signal.SIGTERM)
+        # a destination may still run the guest: a first Ctrl-C is refused, with a warning
+        src.signal(signal.SIGINT)
+        procs.wait_for(lambda: "not stopping" in src.stderr(), 10, what="the refused stop")
+        time.sleep(0.5)
+        assert src.proc.poll() is None and procs.alive(int(info["guest_pid"]))
+        src.signal(signal.SIGTERM)  # an operator's SIGTERM stops it, and says what that costs
         rc = src.wait(timeout=15)
+        assert "that guest will fail" in src.stderr()
         assert rc == 4, f"exit {rc}: a migration stopped half way is a transport failure\n{src.stderr()}"
         assert "Traceback" not in src.stderr()
         assert src.leftovers() == []

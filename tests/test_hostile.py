@@ -33,6 +33,7 @@ RAM = 32 << 20
 NPAGES = RAM // PS
 MAX_DEMAND = 256
 COUNTER = {"requests": 0, "rejected": 0}
+TOKEN = os.urandom(16)
 
 
 @pytest.fixture(scope="module")
@@ -43,11 +44,14 @@ def paused_source(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         md = (("authorization", f"Bearer {info['secret']}"),)
         ch = grpc.insecure_channel(info["address"])
         stub = pb_grpc.MigrationStub(ch)
-        manifest = stub.Handshake(pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION), metadata=md, timeout=30)
+        manifest = stub.Handshake(pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, session_token=TOKEN),
+                                  metadata=md, timeout=30)  # fmt: skip
+        # switched over: the source keeps its guest paused for as long as we like
+        stub.Switchover(pb.SwitchoverRequest(epoch=manifest.epoch), metadata=md, timeout=30)
         pid = int(info["guest_pid"])
         addr = _ram_address(pid, manifest)
         at_pause = _digest(pid, addr)
-        yield {"at_pause": at_pause, "src": src, "stub": stub, "md": md, "smd": md + (("x-migration-id", manifest.migration_id),),
+        yield {"at_pause": at_pause, "src": src, "stub": stub, "md": md, "epoch": manifest.epoch,
                "manifest": manifest, "pid": pid, "addr": addr, "address": info["address"]}  # fmt: skip
         ch.close()
 
@@ -115,8 +119,8 @@ demand_req = st.one_of(valid_req, valid_req, valid_req, any_req)
 def test_demand_requests(paused_source: dict, reqs: list[tuple[int, int]]) -> None:
     ctx = paused_source
     call = ctx["stub"].Demand(
-        iter([pb.DemandRequest(request_id=i + 1, first_page=f, count=c) for i, (f, c) in enumerate(reqs)]),
-        metadata=ctx["smd"], timeout=30,
+        iter([pb.DemandRequest(epoch=ctx["epoch"], request_id=i + 1, first_page=f, count=c) for i, (f, c) in enumerate(reqs)]),
+        metadata=ctx["md"], timeout=30,
     )  # fmt: skip
     answers = iter(call)
     for f, c in reqs:
@@ -150,7 +154,8 @@ def test_bulk_controls(paused_source: dict, ctl: pb.StreamControl) -> None:
     bad_seek = ctl.HasField("seek_page") and ctl.seek_page >= NPAGES
     bad_codec = ctl.HasField("codec") and ctl.codec not in (0, 1)
     bad_batch = ctl.batch_pages > 1024
-    call = ctx["stub"].Stream(iter([ctl]), metadata=ctx["smd"], timeout=30)
+    ctl.epoch = ctx["epoch"]
+    call = ctx["stub"].Stream(iter([ctl]), metadata=ctx["md"], timeout=30)
     try:
         first = next(iter(call))
         assert not (bad_seek or bad_codec or bad_batch or ctl.missing_map_zstd), ctl
@@ -164,20 +169,31 @@ def test_bulk_controls(paused_source: dict, ctl: pb.StreamControl) -> None:
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
-@given(version=u32, prepare=st.booleans(), mid=st.text(max_size=40), garbage=st.binary(max_size=200))
-def test_handshakes_completions_and_garbage(paused_source: dict, version: int, prepare: bool, mid: str, garbage: bytes) -> None:
+@given(version=u32, describe=st.booleans(), token=st.binary(max_size=20), epoch=u64, garbage=st.binary(max_size=200))
+def test_handshakes_completions_and_garbage(
+    paused_source: dict, version: int, describe: bool, token: bytes, epoch: int, garbage: bytes
+) -> None:
     ctx = paused_source
     stub, md = ctx["stub"], ctx["md"]
-    COUNTER["requests"] += 4
+    COUNTER["requests"] += 5
     try:
-        stub.Handshake(pb.HandshakeRequest(protocol_version=version, prepare_only=prepare), metadata=md, timeout=10)
-        assert version == PROTOCOL_VERSION and prepare  # describing is always allowed
+        if describe:
+            stub.Describe(pb.DescribeRequest(protocol_version=version), metadata=md, timeout=10)
+        else:
+            stub.Handshake(pb.HandshakeRequest(protocol_version=version, session_token=token), metadata=md, timeout=10)
+        assert version == PROTOCOL_VERSION and describe  # describing is always allowed
     except grpc.RpcError as exc:
-        want = grpc.StatusCode.FAILED_PRECONDITION if version != PROTOCOL_VERSION else grpc.StatusCode.ALREADY_EXISTS
+        if version != PROTOCOL_VERSION:
+            want = grpc.StatusCode.FAILED_PRECONDITION
+        elif len(token) != 16:
+            want = grpc.StatusCode.INVALID_ARGUMENT
+        else:
+            want = grpc.StatusCode.ALREADY_EXISTS  # another destination's token: one migration at a time
         assert exc.code() == want, exc.details()
         COUNTER["rejected"] += 1
-    if mid != ctx["manifest"].migration_id:
-        for rpc, req in ((stub.Complete, pb.CompleteRequest(migration_id=mid)), (stub.Cancel, pb.CancelRequest(migration_id=mid))):
+    if epoch != ctx["epoch"]:
+        for rpc, req in ((stub.Complete, pb.CompleteRequest(epoch=epoch)), (stub.Cancel, pb.CancelRequest(epoch=epoch)),
+                         (stub.Switchover, pb.SwitchoverRequest(epoch=epoch))):  # fmt: skip
             with pytest.raises(grpc.RpcError) as err:
                 rpc(req, metadata=md, timeout=10)
             assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
@@ -212,7 +228,8 @@ def test_garbage_on_the_port_then_still_serving_and_memory_unchanged(paused_sour
                 pass
         COUNTER["requests"] += 1
     # still serving, exactly
-    call = ctx["stub"].Demand(iter([pb.DemandRequest(request_id=1, first_page=100, count=8)]), metadata=ctx["smd"], timeout=30)
+    req = pb.DemandRequest(epoch=ctx["epoch"], request_id=1, first_page=100, count=8)
+    call = ctx["stub"].Demand(iter([req]), metadata=ctx["md"], timeout=30)
     _check_batch(ctx, next(iter(call)), 100, 8)
     assert _digest(ctx["pid"], ctx["addr"]) == before
     assert ctx["src"].proc.poll() is None

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from tests.conftest import require_userfaultfd
 from tests.helpers import procs
-from tests.helpers.cut_proxy import CutProxy
+from tests.helpers.h2_proxy import H2Proxy
 
 CUTS = 5
 
@@ -20,7 +20,7 @@ def test_five_cuts_then_the_migration_completes(tmp_path: Path) -> None:
     require_userfaultfd()
     with procs.running_source(tmp_path, "512MiB") as (src, info):
         host, port = info["address"].rsplit(":", 1)
-        with CutProxy((host, int(port))) as proxy:
+        with H2Proxy((host, int(port))) as proxy:
             with procs.command(
                 [*procs.MIGRATOR, "dest", "--source", proxy.address, "--run-for", "0.5", "--json", "--quiet",
                  "--batch-pages", "64"],  # fmt: skip  (small batches: a longer migration to cut into)

@@ -1,6 +1,8 @@
-"""The destination dies after the switch-over: the source keeps its paused
-copy, says so, and resumes it only when the user asks (SIGUSR1); then the same
-guest migrates again, and its new destination verifies every page."""
+"""The destination dies after the switch-over: the source keeps its paused copy,
+says so and how to take it back, refuses a plain roll-back (SIGUSR1: the
+destination might still run the guest), and resumes it only when forced
+(`migrator rollback --force`); then the same guest migrates again, and its new
+destination verifies every page."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ def _guest_running(dest: procs.Cmd) -> bool:
     return any(procs.thread_count(g) > 1 for g in procs.guest_children(dest.pid))
 
 
-def test_destination_dies_then_explicit_rollback_then_migrate_again(tmp_path: Path) -> None:
+def test_destination_dies_then_forced_rollback_then_migrate_again(tmp_path: Path) -> None:
     require_userfaultfd()
     with procs.running_source(tmp_path, "256MiB", "--json") as (src, info):
         src_guest = int(info["guest_pid"])
@@ -27,14 +29,17 @@ def test_destination_dies_then_explicit_rollback_then_migrate_again(tmp_path: Pa
         ) as dest:  # fmt: skip
             procs.wait_for(lambda: _guest_running(dest), 60, what="the destination guest to run")
             dest.kill_group()  # the destination host dies after the switch-over
-        procs.wait_for(lambda: "went away before confirming" in src.stderr(), 10, what="the source to report it")
-        assert "kill -USR1" in src.stderr()
+        procs.wait_for(lambda: "went away after taking the guest" in src.stderr(), 10, what="the source to report it")
+        assert f"migrator rollback --source {info['address']} --force" in src.stderr()
         time.sleep(1.0)
         # it never resumes on its own: still here, guest alive, nothing rolled back
         assert src.proc.poll() is None and procs.alive(src_guest)
         assert "rolled back" not in src.stderr()
-        src.signal(signal.SIGUSR1)
-        procs.wait_for(lambda: "rolled back" in src.stderr(), 10, what="the roll-back")
+        src.signal(signal.SIGUSR1)  # a plain roll-back: refused, the destination may still run it
+        procs.wait_for(lambda: "roll-back refused" in src.stderr(), 10, what="the refusal")
+        forced = procs.run([*procs.MIGRATOR, "rollback", "--source", info["address"], "--force"], timeout=30)
+        assert forced.returncode == 0 and "rolled back by force" in forced.stdout, forced
+        procs.wait_for(lambda: "rolled back by force" in src.stderr(), 10, what="the roll-back")
         time.sleep(1.0)  # the guest runs (and writes) here again
         with procs.command(
             [*procs.MIGRATOR, "dest", "--source", info["address"], "--run-for", "0.5", "--json", "--quiet"],

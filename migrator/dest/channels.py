@@ -111,31 +111,44 @@ class Channels:
     def compression(self) -> str:
         return self.prefetcher.compression
 
+    def _probe(self, t_end: float) -> tuple[bool, TransportError | None]:
+        """Switchover is idempotent: it answers "this migration is still on", or raises
+        MigrationEnded if the source took the guest back meanwhile."""
+        try:
+            self.src.switchover(timeout=max(0.2, min(2.0, t_end - time.monotonic())))
+        except AuthError:
+            raise
+        except TransportError as err:
+            return False, err
+        return True, None
+
     def recover(self, guest: GuestProcess) -> None:
-        """Reconnect after a lost connection, or raise at the deadline."""
+        """Reconnect after a lost stream, or raise at the deadline (or if the source
+        ended the migration meanwhile: MigrationEnded)."""
         exc = self.lost_exc
-        deadline_s = self.cfg.reconnect_deadline
-        self.say(f"source unreachable ({exc}); the guest waits for its pages; reconnecting for up to {deadline_s:g} s")
         self.stop()
+        deadline_s = self.cfg.reconnect_deadline
         t_end = time.monotonic() + deadline_s
         backoff = BACKOFF_FIRST_S
+        said = False  # (a source that ended the migration raises in the first probe: nothing to say)
         while True:
             if not guest.alive():
                 raise GuestDied("the destination guest died while the source was unreachable", exit=guest.proc.returncode)
-            try:
-                self.src.ping(timeout=max(0.2, min(2.0, t_end - time.monotonic())))
+            ok, err = self._probe(t_end)
+            if not said:
+                self.say(f"source unreachable ({exc}); the guest waits for its pages; reconnecting for up to "
+                         f"{deadline_s:g} s")  # fmt: skip
+                said = True
+            if ok:
                 break
-            except AuthError:
-                raise
-            except TransportError as err:
-                remaining = t_end - time.monotonic()
-                if remaining <= 0:
-                    raise SourceUnreachable(
-                        f"source unreachable for {deadline_s:g} s, giving up; the guest's memory is split "
-                        f"between the two hosts and this side cannot finish ({err})"
-                    ) from None
-                time.sleep(min(backoff, remaining))
-                backoff = min(backoff * 2, BACKOFF_MAX_S)
+            remaining = t_end - time.monotonic()
+            if remaining <= 0:
+                raise SourceUnreachable(
+                    f"source unreachable for {deadline_s:g} s, giving up; the guest's memory is split "
+                    f"between the two hosts and this side cannot finish ({err})"
+                ) from None
+            time.sleep(min(backoff, remaining))
+            backoff = min(backoff * 2, BACKOFF_MAX_S)
         self.reconnects += 1
         self.lost_exc = None
         self.lost.clear()

@@ -13,7 +13,6 @@ import json
 import queue
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -21,7 +20,7 @@ import zstandard
 
 from migrator import PROTOCOL_VERSION
 from migrator.source.batches import BatchBuilder
-from migrator.source.server import FLIP01
+from migrator.source.session import FLIP01
 from migrator.wire import migration_pb2 as pb
 
 
@@ -47,7 +46,9 @@ class _LocalDemand:
         builder = BatchBuilder(self._src.reader, self._src.untouched, 256)
         while (item := self._q.get()) is not None:
             rid, first, count = item
-            yield builder.build(first, count, None, pb.CODEC_NONE, request_id=rid)
+            batch = builder.build(first, count, None, pb.CODEC_NONE, request_id=rid)
+            batch.epoch = self._src.epoch
+            yield batch
 
     def close(self) -> None:
         self._q.put(None)
@@ -81,10 +82,11 @@ class _LocalBulk:
             need[p:end] = b"\x01" * (end - p)
             self._pos = end
             batch = builder.build(p, end - p, include, self._codec)
+            batch.epoch = src.epoch
             if zero_map is not None:
                 batch.zero_map_zstd, zero_map = zero_map, None
             yield batch
-        yield pb.PageBatch(last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map or b"")
+        yield pb.PageBatch(epoch=src.epoch, last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map or b"")
 
     def close(self) -> None:
         self._closed.set()
@@ -99,14 +101,16 @@ class LocalPageSource:
         self.vcpu_state = vcpu_state
         self.vcpus = vcpus
         self.completed = threading.Event()
+        self.switched = threading.Event()
+        self.epoch = 0
 
     def describe(self) -> pb.Manifest:
         return pb.Manifest(protocol_version=PROTOCOL_VERSION, ram_size=self.npages * self.page_size,
                            page_size=self.page_size, vcpus=self.vcpus)  # fmt: skip
 
-    def handshake(self) -> pb.Manifest:
+    def handshake(self, token: bytes) -> pb.Manifest:
         m = self.describe()
-        m.migration_id = uuid.uuid4().hex
+        self.epoch = m.epoch = int.from_bytes(token[:8], "little") or 1
         m.vcpu_state = json.dumps(self.vcpu_state).encode()
         m.paused_unix_ns = time.time_ns()
         return m
@@ -120,11 +124,14 @@ class LocalPageSource:
     def ping(self, timeout: float) -> None:
         return None
 
-    def complete(self, migration_id: str, installed: int) -> pb.CompleteReply:
+    def switchover(self, timeout: float = 0.0) -> None:
+        self.switched.set()
+
+    def complete(self, installed: int, ack: bool = False) -> pb.CompleteReply:
         self.completed.set()
         return pb.CompleteReply()
 
-    def cancel(self, migration_id: str, reason: str) -> None:
+    def cancel(self, reason: str) -> None:
         return None
 
     def close(self) -> None:

@@ -5,17 +5,22 @@ Steps (downtime is 3 to 5; everything slow happens before the pause):
  1. describe the source's guest (no pause) and start an empty incoming guest;
     it passes its userfaultfd; UFFDIO_API + UFFDIO_REGISTER (MISSING) on it;
  2. start fault threads, the urgent stream and the bulk stream's connection;
- 3. handshake: the source pauses its guest and returns the vCPU state and the
-    map of never-touched pages;
- 4. start the prefetcher;
+ 3. handshake: the source pauses its guest and returns the vCPU state
+    (retried with the same token across a lost connection);
+ 4. switch-over: the source records that this side may run the guest; only
+    then is it resumed here;
  5. resume the guest with that state: it runs, faulting on missing pages;
+    the streams open (the map of never-touched pages comes with the first
+    bulk batch);
  6. wait until every page is present, watching the guest and every thread;
  7. stop the threads, UFFDIO_UNREGISTER, close the uffd, then Complete: only
-    now may the source drop its copy.
+    now may the source drop its copy.  Complete is retried (``release.py``)
+    until the source confirms; a complete guest is never stopped for want of
+    that confirmation.
 
-Any failure before the guest resumed cancels the migration (the source resumes
-its guest); after that, the guest's memory is split between two hosts and the
-destination can only report and stop.
+Any failure before the switch-over cancels the migration (the source resumes
+its guest).  After it, the guest's memory is split between two hosts: this
+side reports, stops its guest, and says how to take it back on the source.
 """
 
 from __future__ import annotations
@@ -29,9 +34,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
-
-import zstandard
+from typing import Any, TypeVar
 
 from migrator.config import DestConfig
 from migrator.dest.fault import FaultHandler, FaultThreads
@@ -39,7 +42,17 @@ from migrator.dest.install import Installer
 from migrator.dest.pagetable import PageTable
 from migrator.dest.channels import Channels
 from migrator.dest.source_client import GrpcPageSource, PageSource
-from migrator.errors import GuestDied, GuestError, MigratorError, ProtocolError
+from migrator.dest.release import Release
+from migrator.errors import (
+    AuthError,
+    GuestDied,
+    GuestError,
+    MigrationEnded,
+    MigratorError,
+    ProtocolError,
+    SourceUnreachable,
+    TransportError,
+)
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.stats import DestStats
 from migrator.uffd import abi
@@ -47,6 +60,7 @@ from migrator.uffd.fd import Userfaultfd
 from migrator.wire import migration_pb2 as pb
 
 log = logging.getLogger("migrator.dest")
+T = TypeVar("T")
 
 
 @dataclass
@@ -77,6 +91,7 @@ class Outcome:
     compression: str = "none"
     tids: list[int] = field(default_factory=list)
     reconnects: int = 0
+    release: "Release | None" = None
 
 
 def _is_loopback(address: str) -> bool:
@@ -133,6 +148,8 @@ class DestinationSession:
         self.guest: GuestProcess | None = None
         self.uffd: Userfaultfd | None = None
         self.channels: Channels | None = None
+        self.release: Release | None = None
+        self.token = os.urandom(16)  # names this destination's handshake (idempotent retries)
         self.say: Callable[[str], None] = lambda m: log.warning("%s", m)
 
     def fail(self, exc: BaseException) -> None:
@@ -170,7 +187,7 @@ class DestinationSession:
         manifest: pb.Manifest | None = None
         channels: Channels | None = None
         faults: FaultThreads | None = None
-        resumed = False
+        switched = resumed = False
         try:
             # Everything that does not need the manifest is ready before the pause.
             # The zero map comes with the first bulk batch (outside the downtime);
@@ -184,16 +201,14 @@ class DestinationSession:
             faults.start()
             niced = _deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
 
-            manifest = src.handshake()  # the source pauses: downtime starts
+            manifest = self._retrying("handshake", lambda: src.handshake(self.token))  # the source pauses
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
-            if manifest.zero_map_zstd:
-                given = zstandard.ZstdDecompressor().decompress(manifest.zero_map_zstd, max_output_size=npages)
-                if len(given) != npages:
-                    raise ProtocolError("zero map has the wrong length", got=len(given), want=npages)
-                channels._zero_map_arrived(given)
             state = json.loads(manifest.vcpu_state)
+            # Only once the source has recorded the switch-over may the guest run here.
+            self._retrying("switch-over", src.switchover)
+            switched = True
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
             resumed = True  # downtime ends; faults until the streams open are recorded and sent then
             channels.start()
@@ -211,22 +226,63 @@ class DestinationSession:
             for part in (faults, channels):
                 if part is not None:
                     part.stop()
-            if not resumed and manifest is not None:
-                try:
-                    src.cancel(manifest.migration_id, f"destination failed before resuming: {exc}")
-                except MigratorError:
-                    pass
             guest.kill()
             uffd.close()
-            raise
+            told = self._failed_because(exc, manifest, switched, resumed)
+            if told is exc:
+                raise
+            raise told from exc
         out.compression = channels.compression
         out.reconnects = channels.reconnects
         faults.stop()
         channels.stop()
         uffd.unregister(h.addr, h.size)
         uffd.close()
-        src.complete(manifest.migration_id, table.present)
+        # Every page is here: the source may release its copy.  Confirmed, or
+        # retried in the background; never a reason to stop this guest.
+        self.release = Release(src, table.present, self.say, self.fail)
+        out.release = self.release
+        self.release.start()
         return out
+
+    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+        """``call`` until it answers, across a lost connection, for up to the reconnect
+        deadline; a refusal (or the guest dying here) ends it at once."""
+        deadline = time.monotonic() + self.cfg.reconnect_deadline
+        backoff = 0.1
+        said = False
+        while True:
+            try:
+                return call()
+            except (SourceUnreachable, TransportError) as exc:
+                if isinstance(exc, AuthError) or time.monotonic() + backoff > deadline:
+                    raise
+                if not said:
+                    self.say(f"source unreachable during the {what} ({exc}); retrying for up to {self.cfg.reconnect_deadline:g} s")
+                    said = True
+            self._check()
+            time.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    def _failed_because(self, exc: BaseException, manifest: pb.Manifest | None, switched: bool, resumed: bool) -> BaseException:
+        """What a failure means for the guest, in one line (the guest here is stopped)."""
+        src = self.source
+        assert src is not None
+        if manifest is not None and not switched:
+            # the guest never ran here: the source may resume its copy at once
+            try:
+                src.cancel(f"destination failed before the switch-over: {exc}")
+            except MigratorError:
+                pass  # it resumes its guest by itself after its switch-over timeout
+            return exc
+        if switched and not isinstance(exc, MigrationEnded) and isinstance(exc, MigratorError):
+            how = "after the switch-over" if not resumed else "while pages were missing"
+            where = self.cfg.source
+            return type(exc)(
+                f"{exc}; the destination failed {how}: its guest is stopped, and the source keeps its paused "
+                f"copy: take it back there with `migrator rollback --source {where} --force`"
+            )
+        return exc
 
     def _wait_all_present(self, table: PageTable, out: Outcome, on_progress: Callable[[Progress], None] | None) -> None:
         t0 = time.monotonic()
@@ -258,8 +314,7 @@ class DestinationSession:
         ops0 = self._guest_ops()
         last = (t0, ops0)
         while not stop.wait(0.5):
-            if not guest.alive():
-                raise GuestDied("the destination guest died", exit=guest.proc.returncode)
+            self._check()  # e.g. the source took the guest back by force
             now = time.monotonic()
             ops = self._guest_ops()
             if on_progress is not None:
@@ -277,6 +332,9 @@ class DestinationSession:
         """Pause the guest, let it verify every page, collect its stats; then stop
         it, or (keep_running, for the next hop) let it run on."""
         guest = out.guest
+        if out.release is not None and not out.release.confirmed.is_set():
+            out.release.wait(5.0)  # a last chance to hear from the source before the summary
+        self._check()
         if self.cfg.verify:
             guest.call("pause", timeout=30)
             out.verify = guest.call("verify", timeout=600)
@@ -289,6 +347,8 @@ class DestinationSession:
             guest.quit()
 
     def close(self) -> None:
+        if self.release is not None:
+            self.release.stop()
         if self.guest is not None and self.guest.alive():
             self.guest.kill()
         if self.source is not None:

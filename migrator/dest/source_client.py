@@ -22,7 +22,15 @@ from typing import Protocol
 import grpc
 
 from migrator import PROTOCOL_VERSION
-from migrator.errors import AuthError, MigratorError, ProtocolError, SourceUnreachable, TransportError
+from migrator.errors import (
+    AuthError,
+    MigrationEnded,
+    MigratorError,
+    ProtocolError,
+    SourceFailed,
+    SourceUnreachable,
+    TransportError,
+)
 from migrator.security import TlsFiles, call_metadata
 from migrator.wire import migration_pb2 as pb
 from migrator.wire import migration_pb2_grpc as pb_grpc
@@ -46,13 +54,19 @@ CHANNEL_OPTIONS = [
 ]
 
 
+ENDED_KEY = "migrator-epoch-ended"  # trailing metadata of a refusal naming an ended epoch
+
+
 def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
     code = exc.code() if hasattr(exc, "code") else None
     details = exc.details() if hasattr(exc, "details") else str(exc)
+    trailing = dict(exc.trailing_metadata() or ()) if hasattr(exc, "trailing_metadata") else {}
+    if ENDED_KEY in trailing:
+        return MigrationEnded(f"the source ended this migration ({details})", why=trailing[ENDED_KEY])
     if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
         return AuthError(f"the source refused us during {what}: {details}", status=code.name)
     if code == grpc.StatusCode.ABORTED:
-        return TransportError(f"{what}: {details}", status=code.name)
+        return SourceFailed(f"{what}: {details}", status=code.name)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return SourceUnreachable(f"source unreachable during {what}: {details}", status=code.name)
     if code in (
@@ -81,13 +95,18 @@ class BulkStream(Protocol):
 
 
 class PageSource(Protocol):
+    """The destination's view of a source.  ``handshake`` starts a migration
+    (its epoch is then stamped on every later message); see the proto for the
+    meaning of each step."""
+
     def describe(self) -> pb.Manifest: ...
-    def handshake(self) -> pb.Manifest: ...
+    def handshake(self, token: bytes) -> pb.Manifest: ...
+    def switchover(self, timeout: float = ...) -> None: ...
     def open_demand(self) -> DemandStream: ...
     def open_bulk(self, codec: int, batch_pages: int, seek: int, missing_zstd: bytes = b"") -> BulkStream: ...
     def ping(self, timeout: float) -> None: ...
-    def complete(self, migration_id: str, installed: int) -> pb.CompleteReply: ...
-    def cancel(self, migration_id: str, reason: str) -> None: ...
+    def complete(self, installed: int, ack: bool = False) -> pb.CompleteReply: ...
+    def cancel(self, reason: str) -> None: ...
     def close(self) -> None: ...
 
 
@@ -120,8 +139,12 @@ class _GrpcStream:
         self._reqs.q.put(msg)
 
     def responses(self) -> Iterator[pb.PageBatch]:
+        epoch = getattr(self, "epoch", 0)
         try:
-            yield from self._call
+            for batch in self._call:
+                if batch.epoch != epoch:  # a fence on this side too
+                    raise ProtocolError("a batch of another migration", epoch=f"{batch.epoch:x}", ours=f"{epoch:x}")
+                yield batch
         except grpc.RpcError as exc:
             if self._closed.is_set() and exc.code() == grpc.StatusCode.CANCELLED:
                 return
@@ -134,16 +157,20 @@ class _GrpcStream:
 
 
 class GrpcDemandStream(_GrpcStream):
+    epoch = 0
+
     def request(self, request_id: int, first: int, count: int) -> None:
-        self._put(pb.DemandRequest(request_id=request_id, first_page=first, count=count))
+        self._put(pb.DemandRequest(epoch=self.epoch, request_id=request_id, first_page=first, count=count))
 
 
 class GrpcBulkStream(_GrpcStream):
+    epoch = 0
+
     def seek(self, page: int) -> None:
-        self._put(pb.StreamControl(seek_page=page))
+        self._put(pb.StreamControl(epoch=self.epoch, seek_page=page))
 
     def set_codec(self, codec: int) -> None:
-        self._put(pb.StreamControl(codec=pb.Codec.Name(codec)))
+        self._put(pb.StreamControl(epoch=self.epoch, codec=pb.Codec.Name(codec)))
 
 
 class GrpcPageSource:
@@ -152,7 +179,7 @@ class GrpcPageSource:
     ) -> None:
         self.address = address
         self._md = call_metadata(secret)
-        self._stream_md = self._md
+        self.epoch = 0  # set by the handshake; every later message carries it
         creds = tls.channel_credentials() if tls is not None and tls.enabled else None
 
         def channel(name: str) -> grpc.Channel:
@@ -165,13 +192,13 @@ class GrpcPageSource:
         self._bulk_stub = pb_grpc.MigrationStub(self._bulk)
         self._connect_timeout = connect_timeout
 
-    def _first_call(self, req: pb.HandshakeRequest) -> pb.Manifest:
+    def _first_call(self, req: pb.DescribeRequest) -> pb.Manifest:
         """The first call retries while the connection comes up, and keeps the
         transport's own reason (refused, TLS handshake, ...) for the error."""
         deadline = time.monotonic() + self._connect_timeout
         while True:
             try:
-                return self._bulk_stub.Handshake(req, timeout=max(0.5, deadline - time.monotonic()), metadata=self._md)
+                return self._bulk_stub.Describe(req, timeout=max(0.5, deadline - time.monotonic()), metadata=self._md)
             except grpc.RpcError as exc:
                 final = "handshake" in (exc.details() or "").lower()  # TLS: retrying will not help
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or final or time.monotonic() >= deadline:
@@ -180,17 +207,17 @@ class GrpcPageSource:
                             f"cannot connect to the source at {self.address}: {exc.details()}",
                             timeout=f"{self._connect_timeout:g}s",
                         ) from None
-                    raise map_rpc_error(exc, "handshake") from None
+                    raise map_rpc_error(exc, "describe") from None
                 time.sleep(0.2)
 
-    def _unary(self, fn, req, what: str):  # type: ignore[no-untyped-def]
+    def _unary(self, fn, req, what: str, timeout: float = UNARY_TIMEOUT):  # type: ignore[no-untyped-def]
         try:
-            return fn(req, timeout=UNARY_TIMEOUT, metadata=self._md)
+            return fn(req, timeout=timeout, metadata=self._md)
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, what) from None
 
     def describe(self) -> pb.Manifest:
-        m = self._first_call(pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True))
+        m = self._first_call(pb.DescribeRequest(protocol_version=PROTOCOL_VERSION))
         # bring the urgent connection up too, before the downtime starts
         try:
             grpc.channel_ready_future(self._urgent).result(timeout=self._connect_timeout)
@@ -198,37 +225,48 @@ class GrpcPageSource:
             raise SourceUnreachable("the source's urgent channel did not come up", address=self.address) from None
         return m
 
-    def handshake(self) -> pb.Manifest:
-        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION)
+    def handshake(self, token: bytes) -> pb.Manifest:
+        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, session_token=token)
         m = self._unary(self._bulk_stub.Handshake, req, "handshake")
-        # every stream of this migration names it: after a roll-back on the
-        # source, a stale stream of ours is refused instead of served
-        self._stream_md = self._md + (("x-migration-id", m.migration_id),)
+        self.epoch = m.epoch
         return m
 
+    def switchover(self, timeout: float = UNARY_TIMEOUT) -> None:
+        self._unary(self._bulk_stub.Switchover, pb.SwitchoverRequest(epoch=self.epoch), "switch-over", timeout=timeout)
+
     def open_demand(self) -> GrpcDemandStream:
-        return GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch", self._stream_md)
+        stream = GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch", self._md)
+        stream.epoch = self.epoch
+        return stream
 
     def ping(self, timeout: float) -> None:
         """One quick call: raises TransportError while the source cannot be reached."""
-        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, prepare_only=True)
+        req = pb.DescribeRequest(protocol_version=PROTOCOL_VERSION)
         try:
-            self._bulk_stub.Handshake(req, timeout=timeout, metadata=self._md)
+            self._bulk_stub.Describe(req, timeout=timeout, metadata=self._md)
         except grpc.RpcError as exc:
             raise map_rpc_error(exc, "reconnect") from None
 
     def open_bulk(self, codec: int, batch_pages: int, seek: int, missing_zstd: bytes = b"") -> GrpcBulkStream:
         first = pb.StreamControl(
-            seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages, missing_map_zstd=missing_zstd
-        )
-        return GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream", self._stream_md)
+            epoch=self.epoch, seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages,
+            missing_map_zstd=missing_zstd,
+        )  # fmt: skip
+        stream = GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream", self._md)
+        stream.epoch = self.epoch
+        return stream
 
-    def complete(self, migration_id: str, installed: int) -> pb.CompleteReply:
-        req = pb.CompleteRequest(migration_id=migration_id, pages_installed=installed)
-        return self._unary(self._bulk_stub.Complete, req, "completion")
+    def complete(self, installed: int, ack: bool = False) -> pb.CompleteReply:
+        req = pb.CompleteRequest(epoch=self.epoch, pages_installed=installed, ack=ack)
+        return self._unary(self._bulk_stub.Complete, req, "completion", timeout=5.0)
 
-    def cancel(self, migration_id: str, reason: str) -> None:
-        self._unary(self._bulk_stub.Cancel, pb.CancelRequest(migration_id=migration_id, reason=reason), "cancel")
+    def cancel(self, reason: str) -> None:
+        self._unary(self._bulk_stub.Cancel, pb.CancelRequest(epoch=self.epoch, reason=reason), "cancel", timeout=5.0)
+
+    def rollback(self, force: bool) -> str:
+        """Ask the source to take its guest back (`migrator rollback`); returns what it said."""
+        reply = self._unary(self._bulk_stub.Rollback, pb.RollbackRequest(force=force), "roll-back")
+        return str(reply.message)
 
     def close(self) -> None:
         self._urgent.close()

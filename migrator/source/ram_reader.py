@@ -23,25 +23,33 @@ class RamReader:
     def __init__(self, pid: int, addr: int, size: int, page_size: int) -> None:
         self.pid, self.addr, self.size, self.page_size = pid, addr, size, page_size
         self.npages = size // page_size
+        # Both are opened once, up front: reading them later needs no new descriptor.
+        self._mem = self._open("mem")
         try:
-            self._mem = os.open(f"/proc/{pid}/mem", os.O_RDONLY | os.O_CLOEXEC)
+            self._pagemap = self._open("pagemap")
+        except GuestError:
+            os.close(self._mem)
+            raise
+
+    def _open(self, name: str) -> int:
+        try:
+            return os.open(f"/proc/{self.pid}/{name}", os.O_RDONLY | os.O_CLOEXEC)
         except OSError as exc:
-            raise GuestError(f"cannot open the guest's memory: {exc.strerror}", pid=pid) from exc
+            raise GuestError(f"cannot open the guest's {name}: {exc.strerror}", pid=self.pid) from exc
 
     def untouched_map(self) -> bytes:
         """One byte per page: 1 if the page was never touched (so it is zero)."""
-        fd = os.open(f"/proc/{self.pid}/pagemap", os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            want = self.npages * 8
-            off = (self.addr // self.page_size) * 8
-            raw = bytearray()
-            while len(raw) < want:
-                chunk = os.pread(fd, want - len(raw), off + len(raw))
-                if not chunk:
-                    raise GuestError("short read of pagemap", pid=self.pid)
-                raw += chunk
-        finally:
-            os.close(fd)
+        want = self.npages * 8
+        off = (self.addr // self.page_size) * 8
+        raw = bytearray()
+        while len(raw) < want:
+            try:
+                chunk = os.pread(self._pagemap, want - len(raw), off + len(raw))
+            except OSError as exc:
+                raise GuestError(f"cannot read the guest's pagemap: {exc.strerror}", pid=self.pid) from exc
+            if not chunk:
+                raise GuestError("short read of pagemap", pid=self.pid)
+            raw += chunk
         return bytes(raw[7::8]).translate(_UNTOUCHED_TABLE)
 
     def read_into(self, first: int, buf: memoryview) -> None:
@@ -49,10 +57,14 @@ class RamReader:
         off = self.addr + first * self.page_size
         done = 0
         while done < len(buf):
-            n = os.preadv(self._mem, [buf[done:]], off + done)
+            try:
+                n = os.preadv(self._mem, [buf[done:]], off + done)
+            except OSError as exc:
+                raise GuestError(f"cannot read guest memory: {exc.strerror}", page=first, pid=self.pid) from exc
             if n <= 0:
                 raise GuestError("short read of guest memory", page=first, pid=self.pid)
             done += n
 
     def close(self) -> None:
         os.close(self._mem)
+        os.close(self._pagemap)

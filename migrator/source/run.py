@@ -7,17 +7,21 @@ import logging
 import os
 import sys
 import threading
+import time
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Callable
 
 from migrator.config import SourceConfig
 from migrator.errors import GuestDied
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.security import load_secret
-from migrator.source.server import SourceSession, serve
+from migrator.source.ownership import Phase
+from migrator.source.servicer import serve
+from migrator.source.session import SourceSession
 
 log = logging.getLogger("migrator.source")
 SWITCH_INTERVAL_S = float(os.environ.get("MIGRATOR_SWITCH_INTERVAL", "0.0002"))
+LINGER_S = 10.0  # after Complete: answer a repeated Complete (lost reply) until acknowledged
 
 
 def run_source(cfg: SourceConfig, stop: threading.Event, say=print, rollback: threading.Event | None = None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -33,12 +37,15 @@ def run_source(cfg: SourceConfig, stop: threading.Event, say=print, rollback: th
 def serve_guest(  # type: ignore[no-untyped-def]
     guest: GuestProcess, cfg: SourceConfig, stop: threading.Event, say=print, rollback: threading.Event | None = None
 ) -> dict[str, Any]:
-    """Serve a running guest to one destination; release it once that one confirms.
+    """Serve a running guest to a destination; release it once that one confirms.
 
-    Until then the guest's memory stays here, paused, whatever happens to the
-    destination.  If the destination is gone for good, the user may ask
-    (``rollback`` set: SIGUSR1 from the CLI) to resume the guest here as it was
-    at the pause; it is never resumed on its own.
+    Until then the guest's memory stays here, whatever happens to the
+    destination (see ``ownership.py`` for who may resume it when).  ``rollback``
+    set (SIGUSR1 from the CLI) asks for a roll-back; it is refused while a
+    destination may be running the guest (``migrator rollback --force`` does it
+    anyway).  A Ctrl-C (``stop`` set with ``stop.interactive``) while a
+    destination runs the guest is refused once, with a warning; a second one,
+    or an operator's SIGTERM, stops at once (and that guest is lost: said so).
 
     Used by `migrator source` for a guest it started, and by `migrator dest
     --listen` for the guest it just received (the next hop).
@@ -46,7 +53,11 @@ def serve_guest(  # type: ignore[no-untyped-def]
     # The bulk stream's thread would hold the GIL for up to the default 5 ms
     # switch interval while a demand request waits: switch often.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
-    session = SourceSession(guest)
+    try:
+        session = SourceSession(guest, switchover_timeout=cfg.switchover_timeout)
+    except BaseException:
+        guest.kill()
+        raise
     try:
         secret, generated = load_secret(cfg.secret_file, create=True)
         server, port = serve(session, cfg.listen, secret=secret, tls=cfg.tls)
@@ -67,35 +78,74 @@ def serve_guest(  # type: ignore[no-untyped-def]
     elif generated:
         say(f"source: migration secret {secret} (give it to the destination as MIGRATOR_SECRET)")
     say(f"source: waiting for a destination on {info['address']}")
+    loop = _Loop(session, guest, say, str(info["address"]))
     try:
-        while not stop.is_set() and not session.done.is_set():
-            session.done.wait(0.2)
-            if not guest.alive():
-                raise GuestDied("the source guest died", exit=guest.proc.returncode)
-            while not session.events.empty():
-                event = session.events.get()
-                if event == "lost":
-                    say(f"source: the destination went away before confirming; the guest stays paused here with its "
-                        f"memory as at the pause (the destination may reconnect). If it is gone for good, roll back "
-                        f"with: kill -USR1 {os.getpid()}")  # fmt: skip
-                else:
-                    say(f"source: {event}")
-            if rollback is not None and rollback.is_set():
-                rollback.clear()
-                if session.rollback():
-                    say("source: rolled back: the guest runs here again, from its state at the pause; "
-                        "it can be migrated again")
-                else:
-                    say(f"source: nothing to roll back (phase {session.phase})")
-        if session.done.is_set():
-            say("source: destination confirmed every page; releasing the guest")
+        loop.run(stop, rollback)
+        if session.completed.is_set():
+            say("source: the destination confirmed every page; releasing the guest")
             if cfg.keep_guest:
                 say(f"source: --keep-guest: guest pid {guest.hello.pid} stays paused until this process stops")
                 stop.wait()
-        elif session.phase == "paused":
-            say("source: stopped before the destination confirmed: the guest's memory on this side is dropped")
+            else:
+                guest.quit()
+            # its reply may have been lost: answer a repeated Complete until it is acknowledged
+            session.acked.wait(LINGER_S)
+        elif session.own.phase is not Phase.RUNNING:
+            say(f"source: stopped in phase {session.phase}: the guest's memory on this side is dropped")
     finally:
         server.stop(grace=1).wait(2)
         session.close()
         guest.quit()
-    return {"phase": session.phase, "migration_id": session.migration_id, **asdict(session.stats), **info}
+    epoch = f"{session.epoch:016x}" if session.epoch else ""
+    return {"phase": session.phase, "migration_id": epoch, **asdict(session.stats), **info}
+
+
+class _Loop:
+    """The source's main loop: ticks the session, says what happened, takes the user's signals."""
+
+    def __init__(self, session: SourceSession, guest: GuestProcess, say: Callable[[str], None], address: str) -> None:
+        self.s, self.guest, self.say, self.address = session, guest, say, address
+        self._stop_warned = 0.0
+
+    def run(self, stop: threading.Event, rollback: threading.Event | None) -> None:
+        s = self.s
+        while not s.completed.is_set():
+            if stop.is_set() and not self._stop_refused(stop):
+                return
+            s.completed.wait(0.2)
+            if not self.guest.alive():
+                raise GuestDied("the source guest died", exit=self.guest.proc.returncode)
+            s.tick()
+            while not s.events.empty():
+                self._tell(s.events.get())
+            if rollback is not None and rollback.is_set():
+                rollback.clear()
+                self.say(f"source: {s.rollback(force=False)}")
+
+    def _stop_refused(self, stop: threading.Event) -> bool:
+        """Refuse the first Ctrl-C while a destination runs the guest; True if refused."""
+        if not self.s.own.destination_may_run:
+            return False
+        if not getattr(stop, "interactive", False) or (self._stop_warned and time.monotonic() - self._stop_warned < 30):
+            self.say("source: stopping while a destination runs the guest with pages only this side has: "
+                     "that guest will fail")  # fmt: skip
+            return False
+        self._stop_warned = time.monotonic()
+        stop.clear()
+        self.say("source: not stopping: a destination runs this guest and its missing pages are only here; "
+                 "stopping now loses the guest. Press Ctrl-C again within 30 s to stop anyway.")  # fmt: skip
+        return True
+
+    def _tell(self, event: str) -> None:
+        if event == "lost-paused":
+            self.say(f"source: the destination went away before taking the guest; it stays paused here and runs "
+                     f"here again within {self.s.own.switchover_timeout_s:g} s of the pause unless the destination "
+                     f"comes back")  # fmt: skip
+        elif event == "lost-switched":
+            self.say(f"source: the destination went away after taking the guest: it may still be running it, with "
+                     f"the pages it has; the rest are only here, so this side keeps them and waits (the destination "
+                     f"reconnects by itself). If the destination's host is gone for good, take the guest back with: "
+                     f"migrator rollback --source {self.address} --force "
+                     f"(two live guests if the destination's still runs)")  # fmt: skip
+        else:
+            self.say(f"source: {event}")

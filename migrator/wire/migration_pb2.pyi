@@ -14,62 +14,83 @@ class Codec(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 CODEC_NONE: Codec
 CODEC_ZSTD: Codec
 
-class HandshakeRequest(_message.Message):
-    __slots__ = ("protocol_version", "prepare_only")
+class DescribeRequest(_message.Message):
+    __slots__ = ("protocol_version",)
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    PREPARE_ONLY_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
-    prepare_only: bool
-    def __init__(self, protocol_version: _Optional[int] = ..., prepare_only: _Optional[bool] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[int] = ...) -> None: ...
+
+class HandshakeRequest(_message.Message):
+    __slots__ = ("protocol_version", "session_token")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: int
+    session_token: bytes
+    def __init__(self, protocol_version: _Optional[int] = ..., session_token: _Optional[bytes] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("protocol_version", "migration_id", "ram_size", "page_size", "vcpu_state", "zero_map_zstd", "paused_unix_ns", "vcpus", "ops_per_s_before", "guest_pid")
+    __slots__ = ("protocol_version", "epoch", "ram_size", "page_size", "vcpu_state", "paused_unix_ns", "vcpus", "ops_per_s_before", "guest_pid", "switchover_timeout_ms")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
-    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     RAM_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     VCPU_STATE_FIELD_NUMBER: _ClassVar[int]
-    ZERO_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
     PAUSED_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     VCPUS_FIELD_NUMBER: _ClassVar[int]
     OPS_PER_S_BEFORE_FIELD_NUMBER: _ClassVar[int]
     GUEST_PID_FIELD_NUMBER: _ClassVar[int]
+    SWITCHOVER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
-    migration_id: str
+    epoch: int
     ram_size: int
     page_size: int
     vcpu_state: bytes
-    zero_map_zstd: bytes
     paused_unix_ns: int
     vcpus: int
     ops_per_s_before: float
     guest_pid: int
-    def __init__(self, protocol_version: _Optional[int] = ..., migration_id: _Optional[str] = ..., ram_size: _Optional[int] = ..., page_size: _Optional[int] = ..., vcpu_state: _Optional[bytes] = ..., zero_map_zstd: _Optional[bytes] = ..., paused_unix_ns: _Optional[int] = ..., vcpus: _Optional[int] = ..., ops_per_s_before: _Optional[float] = ..., guest_pid: _Optional[int] = ...) -> None: ...
+    switchover_timeout_ms: int
+    def __init__(self, protocol_version: _Optional[int] = ..., epoch: _Optional[int] = ..., ram_size: _Optional[int] = ..., page_size: _Optional[int] = ..., vcpu_state: _Optional[bytes] = ..., paused_unix_ns: _Optional[int] = ..., vcpus: _Optional[int] = ..., ops_per_s_before: _Optional[float] = ..., guest_pid: _Optional[int] = ..., switchover_timeout_ms: _Optional[int] = ...) -> None: ...
+
+class SwitchoverRequest(_message.Message):
+    __slots__ = ("epoch",)
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    def __init__(self, epoch: _Optional[int] = ...) -> None: ...
+
+class SwitchoverReply(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class DemandRequest(_message.Message):
-    __slots__ = ("request_id", "first_page", "count")
+    __slots__ = ("epoch", "request_id", "first_page", "count")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_PAGE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
     request_id: int
     first_page: int
     count: int
-    def __init__(self, request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StreamControl(_message.Message):
-    __slots__ = ("seek_page", "codec", "batch_pages", "missing_map_zstd")
+    __slots__ = ("epoch", "seek_page", "codec", "batch_pages", "missing_map_zstd")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEEK_PAGE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
     MISSING_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
     seek_page: int
     codec: Codec
     batch_pages: int
     missing_map_zstd: bytes
-    def __init__(self, seek_page: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., batch_pages: _Optional[int] = ..., missing_map_zstd: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., seek_page: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., batch_pages: _Optional[int] = ..., missing_map_zstd: _Optional[bytes] = ...) -> None: ...
 
 class PageBatch(_message.Message):
-    __slots__ = ("request_id", "first_page", "count", "flags", "codec", "data", "raw_size", "crc32", "last", "sent_unix_ns", "zero_map_zstd")
+    __slots__ = ("epoch", "request_id", "first_page", "count", "flags", "codec", "data", "raw_size", "crc32", "last", "sent_unix_ns", "zero_map_zstd")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_PAGE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
@@ -81,6 +102,7 @@ class PageBatch(_message.Message):
     LAST_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     ZERO_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
     request_id: int
     first_page: int
     count: int
@@ -92,15 +114,17 @@ class PageBatch(_message.Message):
     last: bool
     sent_unix_ns: int
     zero_map_zstd: bytes
-    def __init__(self, request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ..., flags: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., raw_size: _Optional[int] = ..., crc32: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., sent_unix_ns: _Optional[int] = ..., zero_map_zstd: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ..., flags: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., raw_size: _Optional[int] = ..., crc32: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., sent_unix_ns: _Optional[int] = ..., zero_map_zstd: _Optional[bytes] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
-    __slots__ = ("migration_id", "pages_installed")
-    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("epoch", "pages_installed", "ack")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     PAGES_INSTALLED_FIELD_NUMBER: _ClassVar[int]
-    migration_id: str
+    ACK_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
     pages_installed: int
-    def __init__(self, migration_id: _Optional[str] = ..., pages_installed: _Optional[int] = ...) -> None: ...
+    ack: bool
+    def __init__(self, epoch: _Optional[int] = ..., pages_installed: _Optional[int] = ..., ack: _Optional[bool] = ...) -> None: ...
 
 class CompleteReply(_message.Message):
     __slots__ = ("pages_served", "bytes_sent")
@@ -111,13 +135,25 @@ class CompleteReply(_message.Message):
     def __init__(self, pages_served: _Optional[int] = ..., bytes_sent: _Optional[int] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
-    __slots__ = ("migration_id", "reason")
-    MIGRATION_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("epoch", "reason")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
-    migration_id: str
+    epoch: int
     reason: str
-    def __init__(self, migration_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CancelReply(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
+
+class RollbackRequest(_message.Message):
+    __slots__ = ("force",)
+    FORCE_FIELD_NUMBER: _ClassVar[int]
+    force: bool
+    def __init__(self, force: _Optional[bool] = ...) -> None: ...
+
+class RollbackReply(_message.Message):
+    __slots__ = ("message",)
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    message: str
+    def __init__(self, message: _Optional[str] = ...) -> None: ...

@@ -34,10 +34,20 @@ class MigrationStub:
         Args:
             channel: A grpc.Channel.
         """
+        self.Describe = channel.unary_unary(
+                '/migrator.wire.Migration/Describe',
+                request_serializer=migrator_dot_wire_dot_migration__pb2.DescribeRequest.SerializeToString,
+                response_deserializer=migrator_dot_wire_dot_migration__pb2.Manifest.FromString,
+                _registered_method=True)
         self.Handshake = channel.unary_unary(
                 '/migrator.wire.Migration/Handshake',
                 request_serializer=migrator_dot_wire_dot_migration__pb2.HandshakeRequest.SerializeToString,
                 response_deserializer=migrator_dot_wire_dot_migration__pb2.Manifest.FromString,
+                _registered_method=True)
+        self.Switchover = channel.unary_unary(
+                '/migrator.wire.Migration/Switchover',
+                request_serializer=migrator_dot_wire_dot_migration__pb2.SwitchoverRequest.SerializeToString,
+                response_deserializer=migrator_dot_wire_dot_migration__pb2.SwitchoverReply.FromString,
                 _registered_method=True)
         self.Demand = channel.stream_stream(
                 '/migrator.wire.Migration/Demand',
@@ -59,14 +69,30 @@ class MigrationStub:
                 request_serializer=migrator_dot_wire_dot_migration__pb2.CancelRequest.SerializeToString,
                 response_deserializer=migrator_dot_wire_dot_migration__pb2.CancelReply.FromString,
                 _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/migrator.wire.Migration/Rollback',
+                request_serializer=migrator_dot_wire_dot_migration__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=migrator_dot_wire_dot_migration__pb2.RollbackReply.FromString,
+                _registered_method=True)
 
 
 class MigrationServicer:
     """Missing associated documentation comment in .proto file."""
 
+    def Describe(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Handshake(self, request, context):
-        """Pause the guest on the source and return what the destination needs.
-        """
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Switchover(self, request, context):
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -87,8 +113,7 @@ class MigrationServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Complete(self, request, context):
-        """Every page is installed on the destination: the source may release the guest.
-        """
+        """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -100,13 +125,30 @@ class MigrationServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Rollback(self, request, context):
+        """The user takes the guest back on the source (`migrator rollback`).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MigrationServicer_to_server(servicer, server):
     rpc_method_handlers = {
+            'Describe': grpc.unary_unary_rpc_method_handler(
+                    servicer.Describe,
+                    request_deserializer=migrator_dot_wire_dot_migration__pb2.DescribeRequest.FromString,
+                    response_serializer=migrator_dot_wire_dot_migration__pb2.Manifest.SerializeToString,
+            ),
             'Handshake': grpc.unary_unary_rpc_method_handler(
                     servicer.Handshake,
                     request_deserializer=migrator_dot_wire_dot_migration__pb2.HandshakeRequest.FromString,
                     response_serializer=migrator_dot_wire_dot_migration__pb2.Manifest.SerializeToString,
+            ),
+            'Switchover': grpc.unary_unary_rpc_method_handler(
+                    servicer.Switchover,
+                    request_deserializer=migrator_dot_wire_dot_migration__pb2.SwitchoverRequest.FromString,
+                    response_serializer=migrator_dot_wire_dot_migration__pb2.SwitchoverReply.SerializeToString,
             ),
             'Demand': grpc.stream_stream_rpc_method_handler(
                     servicer.Demand,
@@ -128,6 +170,11 @@ def add_MigrationServicer_to_server(servicer, server):
                     request_deserializer=migrator_dot_wire_dot_migration__pb2.CancelRequest.FromString,
                     response_serializer=migrator_dot_wire_dot_migration__pb2.CancelReply.SerializeToString,
             ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=migrator_dot_wire_dot_migration__pb2.RollbackRequest.FromString,
+                    response_serializer=migrator_dot_wire_dot_migration__pb2.RollbackReply.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'migrator.wire.Migration', rpc_method_handlers)
@@ -138,6 +185,33 @@ def add_MigrationServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class Migration:
     """Missing associated documentation comment in .proto file."""
+
+    @staticmethod
+    def Describe(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrator.wire.Migration/Describe',
+            migrator_dot_wire_dot_migration__pb2.DescribeRequest.SerializeToString,
+            migrator_dot_wire_dot_migration__pb2.Manifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
 
     @staticmethod
     def Handshake(request,
@@ -156,6 +230,33 @@ class Migration:
             '/migrator.wire.Migration/Handshake',
             migrator_dot_wire_dot_migration__pb2.HandshakeRequest.SerializeToString,
             migrator_dot_wire_dot_migration__pb2.Manifest.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Switchover(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrator.wire.Migration/Switchover',
+            migrator_dot_wire_dot_migration__pb2.SwitchoverRequest.SerializeToString,
+            migrator_dot_wire_dot_migration__pb2.SwitchoverReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -264,6 +365,33 @@ class Migration:
             '/migrator.wire.Migration/Cancel',
             migrator_dot_wire_dot_migration__pb2.CancelRequest.SerializeToString,
             migrator_dot_wire_dot_migration__pb2.CancelReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/migrator.wire.Migration/Rollback',
+            migrator_dot_wire_dot_migration__pb2.RollbackRequest.SerializeToString,
+            migrator_dot_wire_dot_migration__pb2.RollbackReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,6 +24,7 @@ from migrator.wire import migration_pb2_grpc as pb_grpc
 
 PS = 4096
 PAGE = bytes(range(256)) * (PS // 256)
+EPOCH = 0xE1E1
 
 
 class EvilSource(pb_grpc.MigrationServicer):
@@ -31,15 +32,20 @@ class EvilSource(pb_grpc.MigrationServicer):
         self.mode, self.ram = mode, ram
         self.npages = ram // PS
 
+    def Describe(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.Manifest(protocol_version=PROTOCOL_VERSION, ram_size=self.ram, page_size=PS, vcpus=2)
+
     def Handshake(self, request, context):  # type: ignore[no-untyped-def]
-        page_size = PS * 2 if self.mode == "page-size" and not request.prepare_only else PS
+        page_size = PS * 2 if self.mode == "page-size" else PS
         state = {"config": {"workload": "random", "write_permille": 0, "zero_pct": 0, "text_pct": 0, "nvcpus": 2},
                  "vcpus": [{"rng": 12345, "cursor": 0, "ops": 0, "reads": 0, "writes": 0}] * 2}  # fmt: skip
         return pb.Manifest(
-            protocol_version=PROTOCOL_VERSION, migration_id="evil", ram_size=self.ram, page_size=page_size,
-            vcpu_state=json.dumps(state).encode(), zero_map_zstd=zstandard.ZstdCompressor().compress(bytes(self.npages)),
-            vcpus=2,
+            protocol_version=PROTOCOL_VERSION, epoch=EPOCH, ram_size=self.ram, page_size=page_size,
+            vcpu_state=json.dumps(state).encode(), vcpus=2,
         )  # fmt: skip
+
+    def Switchover(self, request, context):  # type: ignore[no-untyped-def]
+        return pb.SwitchoverReply()
 
     def _batch(self, first: int, count: int, rid: int = 0) -> pb.PageBatch:
         data = PAGE * count
@@ -53,7 +59,7 @@ class EvilSource(pb_grpc.MigrationServicer):
             data += b"x" * 100
         elif self.mode == "bad-zstd" and rid == 0:
             codec, data = pb.CODEC_ZSTD, zstandard.ZstdCompressor().compress(data)[:-7]
-        return pb.PageBatch(request_id=rid, first_page=first, count=count, flags=b"\x01" * count, codec=codec,
+        return pb.PageBatch(epoch=EPOCH, request_id=rid, first_page=first, count=count, flags=b"\x01" * count, codec=codec,
                             data=data, raw_size=count * PS, crc32=crcs)  # fmt: skip
 
     def Demand(self, request_iterator, context):  # type: ignore[no-untyped-def]
@@ -67,7 +73,7 @@ class EvilSource(pb_grpc.MigrationServicer):
             context.abort(grpc.StatusCode.UNAVAILABLE, "bulk unavailable")  # forces demand faults
         for first in range(0, self.npages, 64):
             yield self._batch(first, min(64, self.npages - first))
-        yield pb.PageBatch(last=True)
+        yield pb.PageBatch(epoch=EPOCH, last=True)
 
     def Complete(self, request, context):  # type: ignore[no-untyped-def]
         return pb.CompleteReply()

@@ -1,0 +1,78 @@
+"""A destination's calls one by one, for tests that play a destination (or a broken one).
+
+The real gRPC client and stubs, nothing mocked: each method is one call of the
+protocol with the migration's secret, so a test can stop between any two steps.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from migrator import PROTOCOL_VERSION
+from migrator.wire import migration_pb2 as pb
+from migrator.wire import migration_pb2_grpc as pb_grpc
+
+
+class RawClient:
+    def __init__(self, address: str, secret: str) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.MigrationStub(self.channel)
+        self.md = (("authorization", f"Bearer {secret}"),)
+        self.token = os.urandom(16)
+        self.epoch = 0
+        self._done = threading.Event()  # ends the request side of open streams
+
+    def __enter__(self) -> RawClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def describe(self) -> pb.Manifest:
+        return self.stub.Describe(pb.DescribeRequest(protocol_version=PROTOCOL_VERSION), metadata=self.md, timeout=10)
+
+    def handshake(self) -> pb.Manifest:
+        req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, session_token=self.token)
+        m = self.stub.Handshake(req, metadata=self.md, timeout=30)
+        self.epoch = m.epoch
+        return m
+
+    def switchover(self) -> None:
+        self.stub.Switchover(pb.SwitchoverRequest(epoch=self.epoch), metadata=self.md, timeout=10)
+
+    def cancel(self, reason: str = "test") -> None:
+        self.stub.Cancel(pb.CancelRequest(epoch=self.epoch, reason=reason), metadata=self.md, timeout=10)
+
+    def complete(self, ack: bool = False) -> pb.CompleteReply:
+        return self.stub.Complete(pb.CompleteRequest(epoch=self.epoch, ack=ack), metadata=self.md, timeout=10)
+
+    def stream(self, batch_pages: int = 64, epoch: int | None = None) -> grpc.Call:
+        """A bulk stream (iterate it for batches; .cancel() ends it)."""
+        ctl = pb.StreamControl(epoch=self.epoch if epoch is None else epoch, batch_pages=batch_pages)
+        return self.stub.Stream(_forever(ctl, self._done), metadata=self.md, timeout=120)
+
+    def demand(self, first: int, count: int, epoch: int | None = None) -> pb.PageBatch:
+        req = pb.DemandRequest(epoch=self.epoch if epoch is None else epoch, request_id=1, first_page=first, count=count)
+        call = self.stub.Demand(iter([req]), metadata=self.md, timeout=30)
+        batch: pb.PageBatch = next(iter(call))
+        call.cancel()
+        return batch
+
+    def close(self) -> None:
+        self._done.set()
+        self.channel.close()
+
+
+def _forever(first: pb.StreamControl, done: threading.Event) -> Iterator[pb.StreamControl]:
+    """The stream's controls: the first message, then nothing until the client closes."""
+    yield first
+    done.wait()
+
+
+def ended_reason(exc: grpc.RpcError) -> str:
+    """The ``migrator-epoch-ended`` trailing metadata of a refusal, or ''."""
+    return dict(exc.trailing_metadata() or ()).get("migrator-epoch-ended", "")
