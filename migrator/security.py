@@ -66,7 +66,13 @@ def call_metadata(secret: str | None) -> tuple[tuple[str, str], ...]:
 
 
 class SecretInterceptor(grpc.ServerInterceptor):
-    """Refuse every call that does not carry the migration's secret."""
+    """Refuse every call that does not carry the migration's secret, before its body.
+
+    Runs on the call's headers.  A refused call gets a handler that takes its
+    request as a stream it never reads (whatever the method's real shape: the
+    wire is the same), so no worker waits for a body that may never come and
+    nothing is decoded; it answers UNAUTHENTICATED at once.
+    """
 
     def __init__(self, secret: str, on_refused: Callable[[str], None] | None = None) -> None:
         self._expected = f"Bearer {secret}".encode()
@@ -77,33 +83,23 @@ class SecretInterceptor(grpc.ServerInterceptor):
         for key, value in handler_call_details.invocation_metadata or ():
             if key == METADATA_KEY:
                 presented = value
-        if hmac.compare_digest(presented.encode(), self._expected):
+        if hmac.compare_digest(presented.encode(errors="replace"), self._expected):
             return continuation(handler_call_details)
         why = "no migration secret presented" if not presented else "wrong migration secret"
         if self._on_refused is not None:
             self._on_refused(why)
-        handler = continuation(handler_call_details)
-        return _refusing(handler, why)
+        return _REFUSE[why]
 
 
-def _refusing(handler: Any, why: str) -> Any:
-    def abort_unary(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
-
-    def abort_stream(request: Any, context: grpc.ServicerContext) -> Any:
+def _refuser(why: str) -> grpc.RpcMethodHandler:
+    def refuse(_requests: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
         yield  # pragma: no cover - makes this a generator
 
-    if handler is None:
-        return None
-    kw = {"request_deserializer": handler.request_deserializer, "response_serializer": handler.response_serializer}
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(abort_stream, **kw)
-    if handler.response_streaming:
-        return grpc.unary_stream_rpc_method_handler(abort_stream, **kw)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(abort_unary, **kw)
-    return grpc.unary_unary_rpc_method_handler(abort_unary, **kw)
+    return grpc.stream_stream_rpc_method_handler(refuse)
+
+
+_REFUSE = {why: _refuser(why) for why in ("no migration secret presented", "wrong migration secret")}
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,8 @@ CASES = {
     "truncated": "truncated or oversized",
     "oversized": "truncated or oversized",
     "bad-zstd": "cannot decompress",
+    "zero-map-bomb": "bad zero map",  # a frame declaring 1 TiB: refused before allocating
+    "zero-map-big": "bad zero map",
 }
 
 

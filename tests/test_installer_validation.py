@@ -12,7 +12,8 @@ import zlib
 import pytest
 import zstandard
 
-from migrator.dest.install import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO, Installer
+from migrator.dest.install import Installer
+from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO
 from migrator.dest.pagetable import PageTable
 from migrator.errors import IntegrityError, ProtocolError
 from migrator.stats import DestStats

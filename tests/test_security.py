@@ -18,6 +18,8 @@ import pytest
 
 from tests.conftest import require_userfaultfd
 from tests.helpers import procs
+from tests.helpers.pki import make_ca as _ca
+from tests.helpers.pki import make_cert as _cert
 
 pytestmark = pytest.mark.skipif(shutil.which("openssl") is None, reason="openssl is needed to make test certificates")
 
@@ -39,26 +41,6 @@ def _stop_source_json(src: procs.Cmd) -> dict:
     src.wait(20)
     out = src.stdout()
     return json.loads(out[out.index("{") :])
-
-
-# -- certificates ------------------------------------------------------------------
-def _openssl(*args: str, cwd: Path) -> None:
-    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True, timeout=60)
-
-
-def _ca(d: Path, name: str) -> tuple[Path, Path]:
-    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.pem",
-             "-days", "2", "-subj", f"/CN={name}", cwd=d)  # fmt: skip
-    return d / f"{name}.pem", d / f"{name}.key"
-
-
-def _cert(d: Path, name: str, ca: tuple[Path, Path], days: int = 2) -> tuple[Path, Path]:
-    (d / f"{name}.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
-    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
-             "-subj", f"/CN={name}", cwd=d)  # fmt: skip
-    _openssl("x509", "-req", "-in", f"{name}.csr", "-CA", str(ca[0]), "-CAkey", str(ca[1]), "-CAcreateserial",
-             "-out", f"{name}.pem", "-days", str(days), "-extfile", f"{name}.ext", cwd=d)  # fmt: skip
-    return d / f"{name}.pem", d / f"{name}.key"
 
 
 @pytest.fixture(scope="module")

@@ -431,7 +431,7 @@ def _installer_for(guest: ChildGuest):  # type: ignore[no-untyped-def]
 
 
 def test_installer_installs_a_mixed_batch_exactly(guest: ChildGuest) -> None:
-    from migrator.dest.install import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO
+    from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO
 
     inst = _installer_for(guest)
     ps = guest.ps
@@ -453,7 +453,7 @@ def test_installer_installs_a_mixed_batch_exactly(guest: ChildGuest) -> None:
 
 def test_installer_skips_a_page_the_kernel_already_has(guest: ChildGuest) -> None:
     """A page mapped behind the table's back (EEXIST mid-run) is skipped; the rest of the run lands."""
-    from migrator.dest.install import FLAG_DATA
+    from migrator.pagemaps import FLAG_DATA
 
     inst = _installer_for(guest)
     ps = guest.ps

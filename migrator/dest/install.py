@@ -21,13 +21,12 @@ import zstandard
 
 from migrator import policy
 from migrator.dest.pagetable import PageTable
+from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO, VALID_FLAGS
 from migrator.errors import IntegrityError, PageExists, ProtocolError, RetryLater
 from migrator.stats import DestStats
 from migrator.uffd.fd import Userfaultfd
 from migrator.wire import migration_pb2 as pb
 
-FLAG_OMITTED, FLAG_DATA, FLAG_ZERO = 0, 1, 2
-_VALID_FLAGS = bytes(range(3))
 MAX_EAGAIN = 1000
 
 
@@ -56,7 +55,7 @@ class Installer:
             raise ProtocolError("batch outside guest RAM", first=first, count=count, pages=self.npages)
         if len(flags) != count:
             raise ProtocolError("batch flags do not match its page count", count=count, flags=len(flags))
-        if flags.translate(None, _VALID_FLAGS):
+        if flags.translate(None, VALID_FLAGS):
             raise ProtocolError("batch has an unknown page flag", first=first)
         ndata = flags.count(FLAG_DATA)
         if len(batch.crc32) != ndata or batch.raw_size != ndata * self.ps:

@@ -20,7 +20,7 @@ import zstandard
 
 from migrator import PROTOCOL_VERSION
 from migrator.source.batches import BatchBuilder
-from migrator.source.session import FLIP01
+from migrator.pagemaps import FLIP01
 from migrator.wire import migration_pb2 as pb
 
 

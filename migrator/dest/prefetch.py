@@ -25,6 +25,7 @@ from migrator.dest.install import Installer
 from migrator.dest.pagetable import PageTable
 from migrator.dest.source_client import BulkStream, DemandStream, PageSource
 from migrator.errors import ProtocolError
+from migrator.pagemaps import decompress_exact, is_01
 from migrator.stats import DestStats
 from migrator.wire import migration_pb2 as pb
 
@@ -222,11 +223,11 @@ class Prefetcher:
         """The source's map of never-touched pages (first bulk batch): validate, then use it."""
         npages = self.table.npages
         try:
-            zero_map = zstandard.ZstdDecompressor().decompress(zstd_map, max_output_size=npages)
-        except zstandard.ZstdError as exc:
-            raise ProtocolError(f"bad zero map: {exc}") from exc
-        if len(zero_map) != npages or zero_map.translate(None, b"\x00\x01"):
-            raise ProtocolError("zero map must be one 0/1 byte per page", got=len(zero_map), want=npages)
+            zero_map = decompress_exact(zstd_map, npages)
+        except ValueError as exc:
+            raise ProtocolError(f"bad zero map: {exc}") from None
+        if not is_01(zero_map):
+            raise ProtocolError("zero map must be one 0/1 byte per page")
         self.zero_map = zero_map
         self._zero_runs = policy.runs_of(zero_map, 1, max_run=4096)
         if self.on_zero_map is not None:

@@ -36,6 +36,7 @@ from migrator.wire import migration_pb2 as pb
 from migrator.wire import migration_pb2_grpc as pb_grpc
 
 UNARY_TIMEOUT = 15.0
+BUSY_RETRY_S = 6.0  # a busy source (RESOURCE_EXHAUSTED) frees its waiting slots within 5 s (source/guard.py)
 STREAM_TIMEOUT = 24 * 3600.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -55,6 +56,7 @@ CHANNEL_OPTIONS = [
 
 
 ENDED_KEY = "migrator-epoch-ended"  # trailing metadata of a refusal naming an ended epoch
+EPOCH_KEY = "x-migrator-epoch"  # header naming the migration a call belongs to
 
 
 def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
@@ -178,6 +180,7 @@ class GrpcPageSource:
         self, address: str, *, secret: str | None = None, tls: TlsFiles | None = None, connect_timeout: float = 5.0
     ) -> None:
         self.address = address
+        self._secret = secret
         self._md = call_metadata(secret)
         self.epoch = 0  # set by the handshake; every later message carries it
         creds = tls.channel_credentials() if tls is not None and tls.enabled else None
@@ -193,13 +196,19 @@ class GrpcPageSource:
         self._connect_timeout = connect_timeout
 
     def _first_call(self, req: pb.DescribeRequest) -> pb.Manifest:
-        """The first call retries while the connection comes up, and keeps the
-        transport's own reason (refused, TLS handshake, ...) for the error."""
+        """The first call retries while the connection comes up (and while the
+        source is busy with other peers' calls: RESOURCE_EXHAUSTED, which its
+        guard clears within seconds), and keeps the transport's own reason
+        (refused, TLS handshake, ...) for the error."""
         deadline = time.monotonic() + self._connect_timeout
+        busy_deadline = deadline + BUSY_RETRY_S
         while True:
             try:
                 return self._bulk_stub.Describe(req, timeout=max(0.5, deadline - time.monotonic()), metadata=self._md)
             except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < busy_deadline:
+                    time.sleep(0.2)
+                    continue
                 final = "handshake" in (exc.details() or "").lower()  # TLS: retrying will not help
                 if exc.code() != grpc.StatusCode.UNAVAILABLE or final or time.monotonic() >= deadline:
                     if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
@@ -229,13 +238,18 @@ class GrpcPageSource:
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, session_token=token)
         m = self._unary(self._bulk_stub.Handshake, req, "handshake")
         self.epoch = m.epoch
+        # every later call names the migration in its headers too: the source
+        # serves its owner first (see source/guard.py)
+        self._md = call_metadata(self._secret) + ((EPOCH_KEY, f"{m.epoch:016x}"),)
         return m
 
     def switchover(self, timeout: float = UNARY_TIMEOUT) -> None:
         self._unary(self._bulk_stub.Switchover, pb.SwitchoverRequest(epoch=self.epoch), "switch-over", timeout=timeout)
 
     def open_demand(self) -> GrpcDemandStream:
-        stream = GrpcDemandStream(self._urgent_stub.Demand, None, "demand fetch", self._md)
+        # the opening message (request 0, no pages) binds the stream to the migration at once
+        hello = pb.DemandRequest(epoch=self.epoch)
+        stream = GrpcDemandStream(self._urgent_stub.Demand, hello, "demand fetch", self._md)
         stream.epoch = self.epoch
         return stream
 

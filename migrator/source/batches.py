@@ -15,9 +15,9 @@ from typing import Protocol
 
 import zstandard
 
+from migrator.pagemaps import FLAG_DATA, FLAG_ZERO
 from migrator.wire import migration_pb2 as pb
 
-FLAG_OMITTED, FLAG_DATA, FLAG_ZERO = 0, 1, 2
 
 
 class PageReader(Protocol):

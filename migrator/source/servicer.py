@@ -17,25 +17,18 @@ import grpc
 
 from migrator.errors import MigratorError
 from migrator.security import SecretInterceptor, TlsFiles
+from migrator.source.guard import WAITING_MAX, CallGuard, server_options
 from migrator.source.ownership import ENDED_KEY, Refused
-from migrator.source.session import SourceSession
+from migrator.source.session import MAX_BATCH_PAGES, MAX_STREAMS, SourceSession
 from migrator.wire import migration_pb2_grpc as pb_grpc
 
 log = logging.getLogger("migrator.source")
 T = TypeVar("T")
 
-GRPC_OPTIONS = [
-    ("grpc.max_receive_message_length", 64 << 20),
-    ("grpc.max_send_message_length", 64 << 20),
-    # notice a vanished destination (a send blocked on a dead link would
-    # otherwise keep the process from exiting), and accept the destination's
-    # 1 s keepalive pings instead of answering them with GOAWAY
-    ("grpc.keepalive_time_ms", 1000),
-    ("grpc.keepalive_timeout_ms", 2000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
-    ("grpc.http2.max_ping_strikes", 0),
-]
+# One worker per call that may wait: the calls waiting for a first message
+# (guard.WAITING_MAX), the streams of a migration (session.MAX_STREAMS), and
+# unary calls, which take microseconds once their request is in.
+WORKERS = WAITING_MAX + sum(MAX_STREAMS.values()) + 8
 
 
 class MigrationServicer(pb_grpc.MigrationServicer):
@@ -97,14 +90,20 @@ def _streaming(context: grpc.ServicerContext, fn: Callable[[], Iterator[Any]]) -
 
 
 def serve(
-    session: SourceSession, listen: str, *, secret: str | None, tls: TlsFiles | None = None, workers: int = 8
+    session: SourceSession, listen: str, *, secret: str | None, tls: TlsFiles | None = None
 ) -> tuple[grpc.Server, int]:
-    """Start the page server; with a secret, every call without it is refused first."""
-    interceptors = [SecretInterceptor(secret, on_refused=session.note_refused)] if secret else []
+    """Start the page server: every call passes the secret (when there is one),
+    then the call guard; the transport is bounded for this guest (``guard.py``)."""
+    guard = CallGuard(lambda: session.epoch)
+    interceptors: list[grpc.ServerInterceptor] = [guard]
+    if secret:
+        interceptors.insert(0, SecretInterceptor(secret, on_refused=session.note_refused))
+    workers = WORKERS
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="page-server"),
-        options=GRPC_OPTIONS,
+        options=server_options(session.npages, session.page_size, MAX_BATCH_PAGES),
         interceptors=interceptors,
+        maximum_concurrent_rpcs=workers,  # beyond: RESOURCE_EXHAUSTED at once, never a queue
     )
     pb_grpc.add_MigrationServicer_to_server(MigrationServicer(session), server)
     if tls is not None and tls.enabled:
@@ -114,4 +113,5 @@ def serve(
     if port == 0:
         raise OSError(f"cannot listen on {listen}")
     server.start()
+    session.guard = guard
     return server, port

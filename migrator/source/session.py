@@ -27,13 +27,16 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import zstandard
 
 from migrator import PROTOCOL_VERSION
 from migrator.errors import GuestError, MigratorError
 from migrator.guest import GuestProcess
+from migrator.pagemaps import FLIP01, or_bytes
 from migrator.source.batches import BatchBuilder
+from migrator.source.guard import RefusalLog, decompress_map
 from migrator.source.ownership import Ownership, Phase, Refused
 from migrator.source.ram_reader import RamReader
 from migrator.wire import migration_pb2 as pb
@@ -45,14 +48,9 @@ MAX_BATCH_PAGES = 1024
 DEFAULT_BATCH_PAGES = 512
 PAUSE_TIMEOUT_S = 5.0  # the guest's vCPUs park within this, or the migration is refused
 LOST_GRACE_S = 2.0  # no stream of the migration for this long: the destination went away
-
-FLIP01 = bytes([1, 0]) + bytes(254)  # translate table: 0 <-> 1 (maps are 0/1 bytes)
-
-
-def or_bytes(a: bytes | bytearray, b: bytes | bytearray) -> bytes:
-    """Bytewise OR of two equal-length 0/1 maps, at C speed."""
-    return (int.from_bytes(a, "little") | int.from_bytes(b, "little")).to_bytes(len(a), "little")
-
+# open streams of one migration, per kind: a destination uses one or two of each
+# (more only after a reconnection, while the old ones are torn down)
+MAX_STREAMS = {"demand": 4, "bulk": 8}
 
 @dataclass
 class SourceStats:
@@ -88,7 +86,9 @@ class SourceSession:
         self._need = bytearray()  # 0 = not yet sent and touched; bulk sends these
         self._sent = bytearray()  # 1 = sent at least once (for the duplicate count)
         self._manifest: pb.Manifest | None = None
-        self._streams: dict[int, dict[int, Callable[[], None]]] = {}  # epoch -> {id: cancel}
+        self._streams: dict[int, dict[int, tuple[str, Callable[[], None]]]] = {}  # epoch -> {id: (kind, cancel)}
+        self.refusals = RefusalLog()
+        self.guard: Any = None  # the server's CallGuard (its counters), once serving
         self._stream_ids = iter(range(1, 1 << 62))
         self._seen = time.monotonic()  # when a stream of the migration was last open
         self._lost_reported = False
@@ -249,10 +249,14 @@ class SourceSession:
         self.events.put(message)
 
     # -- streams -------------------------------------------------------------------------
-    def _register(self, epoch: int, cancel: Callable[[], None]) -> int:
-        """Caller holds the lock and has checked the epoch."""
+    def _register(self, epoch: int, kind: str, cancel: Callable[[], None]) -> int:
+        """Caller holds the lock and has checked the epoch; raises at the bound."""
+        streams = self._streams.setdefault(epoch, {})
+        if sum(k == kind for k, _ in streams.values()) >= MAX_STREAMS[kind]:
+            self.stats.rejected += 1
+            raise Refused("RESOURCE_EXHAUSTED", f"{MAX_STREAMS[kind]} {kind} streams already open for this migration")
         sid = next(self._stream_ids)
-        self._streams.setdefault(epoch, {})[sid] = cancel
+        streams[sid] = (kind, cancel)
         if self._lost_reported:
             self._lost_reported = False
             self.events.put("the destination reconnected")
@@ -266,7 +270,7 @@ class SourceSession:
 
     def _end_streams(self, epoch: int) -> list[Callable[[], None]]:
         """Caller holds the lock; returns the cancels to call once it is released."""
-        return list(self._streams.pop(epoch, {}).values())
+        return [cancel for _kind, cancel in self._streams.pop(epoch, {}).values()]
 
     def _serve_check(self, epoch: int) -> None:
         with self._lock:
@@ -281,9 +285,11 @@ class SourceSession:
                 with self._lock:
                     self.own.check(req.epoch)
                     if not sid:
-                        epoch, sid = req.epoch, self._register(req.epoch, cancel)
+                        epoch, sid = req.epoch, self._register(req.epoch, "demand", cancel)
                     elif req.epoch != epoch:
                         raise Refused("INVALID_ARGUMENT", "a stream serves one migration")
+                if req.request_id == 0 and req.count == 0:
+                    continue  # the stream's opening message: binds it to the migration, asks nothing
                 if req.count == 0 or req.count > MAX_DEMAND_PAGES:
                     self.stats.rejected += 1
                     raise Refused("INVALID_ARGUMENT", f"demand count {req.count} not in 1..{MAX_DEMAND_PAGES}")
@@ -318,7 +324,7 @@ class SourceSession:
         epoch = first_ctl.epoch
         with self._lock:
             self.own.check(epoch)
-            sid = self._register(epoch, cancel)
+            sid = self._register(epoch, "bulk", cancel)
         try:
             yield from self._stream(first_ctl, controls, epoch)
         finally:
@@ -390,15 +396,7 @@ class SourceSession:
 
     def _resume_from(self, missing_zstd: bytes) -> None:
         """A reconnected destination says which pages it still lacks: send them again."""
-        try:
-            declared = zstandard.frame_content_size(missing_zstd)
-            if declared not in (-1, self.npages):
-                raise zstandard.ZstdError(f"frame declares {declared} bytes, not one per page")
-            missing = zstandard.ZstdDecompressor().decompress(missing_zstd, max_output_size=self.npages)
-        except zstandard.ZstdError as exc:
-            raise Refused("INVALID_ARGUMENT", f"bad missing map: {exc}") from None
-        if len(missing) != self.npages or missing.translate(None, b"\x00\x01"):
-            raise Refused("INVALID_ARGUMENT", "missing map must be one 0/1 byte per page")
+        missing = decompress_map(missing_zstd, self.npages, "missing map")
         # need 0 (send it) = missing and touched: not (missing and not untouched)
         need = or_bytes(missing.translate(FLIP01), self._untouched)
         with self._lock:
@@ -407,10 +405,9 @@ class SourceSession:
 
     # -- the rest ----------------------------------------------------------------------------
     def note_refused(self, why: str) -> None:
-        """A call without the right secret was refused (before any handler ran)."""
-        with self._lock:
-            self.stats.refused_auth += 1
-        log.warning("refused a call: %s", why)
+        """A call without the right secret was refused (before any handler ran); logged rate-limited."""
+        self.stats.refused_auth += 1  # one writer: gRPC's polling thread
+        self.refusals.note(why)
 
     def close(self) -> None:
         self._rate.stop()

@@ -5,7 +5,9 @@ chosen way.  Serves real page contents (a fixed pattern) where it does not lie.
 Modes: ``page-size`` (the manifest's page size differs from the guest's),
 ``bad-crc`` (a page whose checksum does not match), ``unasked`` (a demand reply
 for pages that were not asked for), ``truncated`` (less data than the flags
-promise), ``oversized`` (more), ``bad-zstd`` (a bulk batch that does not decompress).
+promise), ``oversized`` (more), ``bad-zstd`` (a bulk batch that does not decompress),
+``zero-map-bomb`` (a zero map whose zstd frame declares 1 TiB), ``zero-map-big`` (a
+zero map without a declared size that expands past one byte per page).
 """
 
 from __future__ import annotations
@@ -64,6 +66,8 @@ class EvilSource(pb_grpc.MigrationServicer):
 
     def Demand(self, request_iterator, context):  # type: ignore[no-untyped-def]
         for req in request_iterator:
+            if req.count == 0:
+                continue  # the stream's opening message
             first = (req.first_page + 7) % (self.npages - req.count) if self.mode == "unasked" else req.first_page
             yield self._batch(first, req.count, req.request_id)
 
@@ -72,7 +76,12 @@ class EvilSource(pb_grpc.MigrationServicer):
         if self.mode == "unasked":  # only the demand channel lies in this mode; keep bulk quiet
             context.abort(grpc.StatusCode.UNAVAILABLE, "bulk unavailable")  # forces demand faults
         for first in range(0, self.npages, 64):
-            yield self._batch(first, min(64, self.npages - first))
+            batch = self._batch(first, min(64, self.npages - first))
+            if first == 0 and self.mode == "zero-map-bomb":
+                batch.zero_map_zstd = zstd_frame_declaring(1 << 40)
+            elif first == 0 and self.mode == "zero-map-big":
+                batch.zero_map_zstd = zstandard.ZstdCompressor(write_content_size=False).compress(bytes(self.npages * 64))
+            yield batch
         yield pb.PageBatch(epoch=EPOCH, last=True)
 
     def Complete(self, request, context):  # type: ignore[no-untyped-def]
@@ -80,6 +89,14 @@ class EvilSource(pb_grpc.MigrationServicer):
 
     def Cancel(self, request, context):  # type: ignore[no-untyped-def]
         return pb.CancelReply()
+
+
+def zstd_frame_declaring(size: int) -> bytes:
+    """A 53-byte zstd frame whose header declares ``size`` bytes (RFC 8878: magic, a
+    single-segment descriptor with an 8-byte content size, one last raw block)."""
+    body = b"\x01" * 37
+    block_header = (len(body) << 3) | 1  # last block, raw
+    return b"\x28\xb5\x2f\xfd" + bytes([0xE0]) + size.to_bytes(8, "little") + block_header.to_bytes(3, "little") + body
 
 
 def start(mode: str, ram: int, secret: str) -> tuple[grpc.Server, str]:

@@ -18,8 +18,12 @@ from migrator.wire import migration_pb2_grpc as pb_grpc
 
 
 class RawClient:
-    def __init__(self, address: str, secret: str) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str, secret: str, ca: str | None = None) -> None:
+        if ca is not None:  # TLS, verifying the source against this CA
+            with open(ca, "rb") as f:
+                self.channel = grpc.secure_channel(address, grpc.ssl_channel_credentials(root_certificates=f.read()))
+        else:
+            self.channel = grpc.insecure_channel(address)
         self.stub = pb_grpc.MigrationStub(self.channel)
         self.md = (("authorization", f"Bearer {secret}"),)
         self.token = os.urandom(16)
@@ -35,10 +39,14 @@ class RawClient:
     def describe(self) -> pb.Manifest:
         return self.stub.Describe(pb.DescribeRequest(protocol_version=PROTOCOL_VERSION), metadata=self.md, timeout=10)
 
-    def handshake(self) -> pb.Manifest:
+    def handshake(self, owner_headers: bool = False) -> pb.Manifest:
+        """Pause the source's guest.  ``owner_headers``: name the migration in every later
+        call's headers, as `migrator dest` does (the source serves its owner first)."""
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, session_token=self.token)
         m = self.stub.Handshake(req, metadata=self.md, timeout=30)
         self.epoch = m.epoch
+        if owner_headers:
+            self.md = self.md + (("x-migrator-epoch", f"{m.epoch:016x}"),)
         return m
 
     def switchover(self) -> None:
@@ -46,6 +54,9 @@ class RawClient:
 
     def cancel(self, reason: str = "test") -> None:
         self.stub.Cancel(pb.CancelRequest(epoch=self.epoch, reason=reason), metadata=self.md, timeout=10)
+
+    def rollback_force(self) -> str:
+        return str(self.stub.Rollback(pb.RollbackRequest(force=True), metadata=self.md, timeout=10).message)
 
     def complete(self, ack: bool = False) -> pb.CompleteReply:
         return self.stub.Complete(pb.CompleteRequest(epoch=self.epoch, ack=ack), metadata=self.md, timeout=10)
