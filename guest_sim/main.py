@@ -43,6 +43,7 @@ class Guest:
             zero_pct=args.zero_pct,
             text_pct=args.text_pct,
             nvcpus=args.vcpus,
+            rate=args.rate,
         )
         rng = random.Random(args.seed)
         self.states = [VcpuState(rng=rng.getrandbits(63) | 1) for _ in range(args.vcpus)]
@@ -161,6 +162,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--zero-pct", type=int, default=40)
     p.add_argument("--text-pct", type=int, default=30)
     p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--rate", type=int, default=0, help="operations per second per vCPU (0 = flat out)")
     p.add_argument("--incoming", action="store_true", help="empty RAM, handed to the monitor's uffd")
     p.add_argument("--switch-interval", type=float, default=0.0005)
     return p.parse_args(argv)

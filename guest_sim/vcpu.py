@@ -31,6 +31,7 @@ class VcpuConfig:
     zero_pct: int = 40
     text_pct: int = 30
     nvcpus: int = 2
+    rate: int = 0  # operations per second per vCPU; 0 = as fast as it goes
 
 
 @dataclass
@@ -77,12 +78,19 @@ class Vcpu(threading.Thread):
             return
         base, table = ram.addr, ram.table_addr
         perf = time.perf_counter_ns
+        pace_t0, pace_ops = perf(), 0  # --rate: the schedule restarts after every pause
         while True:
             if ctl.pause_req:
                 ctl.park(self.vid)
                 if ctl.quit:
                     return
+                pace_t0, pace_ops = perf(), 0
                 continue
+            if cfg.rate:
+                ahead = pace_ops / cfg.rate - (perf() - pace_t0) / 1e9
+                if ahead > 0:
+                    time.sleep(ahead)
+                pace_ops += 1
             st.rng = workload.xorshift64(st.rng)
             slot, st.cursor = workload.next_slot(cfg.workload, st.rng, st.cursor, owned)
             idx = workload.slot_to_page(slot, ram.first_data, self.vid, cfg.nvcpus)

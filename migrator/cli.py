@@ -146,6 +146,8 @@ def guest_options(f: Any) -> Any:
         click.option("--zero-pct", type=click.IntRange(0, 100), default=40, show_default=True, help="Pages never written at start."),
         click.option("--text-pct", type=click.IntRange(0, 100), default=30, show_default=True, help="Compressible pages at start."),
         click.option("--seed", type=int, default=1, show_default=True),
+        click.option("--rate", type=click.IntRange(0), default=0, show_default=True,
+                     help="Operations per second per vCPU (0 = as fast as it goes)."),
     ]
     for o in reversed(opts):
         f = o(f)
@@ -155,7 +157,7 @@ def guest_options(f: Any) -> Any:
 def _guest(kw: dict[str, Any]) -> GuestOptions:
     if kw["zero_pct"] + kw["text_pct"] > 100:
         raise click.BadParameter("--zero-pct + --text-pct must be at most 100")
-    return GuestOptions(**{k: kw.pop(k) for k in ("ram", "vcpus", "workload", "write_ratio", "zero_pct", "text_pct", "seed")})
+    return GuestOptions(**{k: kw.pop(k) for k in ("ram", "vcpus", "workload", "write_ratio", "zero_pct", "text_pct", "seed", "rate")})
 
 
 @main.command()
@@ -165,10 +167,12 @@ def _guest(kw: dict[str, Any]) -> GuestOptions:
 @click.option("--keep-guest", is_flag=True, help="After completion keep the paused guest until stopped.")
 @click.option("--switchover-timeout", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
               help="Seconds after the pause within which the destination must take the guest; else it runs here again.")
+@click.option("--lanes", type=click.IntRange(1, 16), default=2, show_default=True,
+              help="Bulk lane server processes (ports P+2 ...); the urgent server is on P+1.")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @lambda f: security_options(f, side="source")
-def source(listen: str, ready_file: str | None, keep_guest: bool, switchover_timeout: float, as_json: bool,
-           secret_file: str | None, **kw: Any) -> None:  # fmt: skip
+def source(listen: str, ready_file: str | None, keep_guest: bool, switchover_timeout: float, lanes: int,
+           as_json: bool, secret_file: str | None, **kw: Any) -> None:  # fmt: skip
     """Start a guest and serve its memory to a destination.
 
     The guest stays here until a destination has every page.  `kill -USR1 PID`
@@ -180,7 +184,7 @@ def source(listen: str, ready_file: str | None, keep_guest: bool, switchover_tim
     tls = _tls(kw)
     _writable(ready_file, "--ready-file")
     cfg = SourceConfig(listen=listen, guest=_guest(kw), ready_file=ready_file, keep_guest=keep_guest, json=as_json,
-                       secret_file=secret_file, tls=tls, switchover_timeout=switchover_timeout)  # fmt: skip
+                       secret_file=secret_file, tls=tls, switchover_timeout=switchover_timeout, lanes=lanes)  # fmt: skip
     stop = _stop_on_signals()
     rollback = threading.Event()
     signal.signal(signal.SIGUSR1, lambda _s, _f: rollback.set())  # the user's explicit roll-back
@@ -199,7 +203,10 @@ def source(listen: str, ready_file: str | None, keep_guest: bool, switchover_tim
 
 def dest_options(f: Any, *, override: bool = True) -> Any:
     opts = [
-        click.option("--fault-threads", type=click.IntRange(1, 16), default=2, show_default=True),
+        click.option("--fault-threads", type=click.IntRange(1, 16), default=1, show_default=True,
+                     help="Threads waiting on the userfaultfd (EPOLLEXCLUSIVE: one woken per fault)."),
+        click.option("--lanes", type=click.IntRange(1, 16), default=2, show_default=True,
+                     help="Bulk lane processes, each streaming a share of guest RAM on its own connection."),
         click.option("--window", "demand_window", type=click.IntRange(1, 256), default=4, show_default=True, help="Pages fetched per demand fault."),
         click.option("--compress", type=click.Choice(["auto", "none", "zstd"]), default="auto", show_default=True,
                      help="Bulk stream compression; auto = off on loopback, on otherwise."),  # fmt: skip
@@ -327,12 +334,12 @@ def rollback(source_addr: str, force: bool, secret_file: str | None, **kw: Any) 
     Refused while a destination may be running the guest (it switched over),
     unless --force: use that only when the destination's host is gone for good.
     """
-    from migrator.dest.source_client import GrpcPageSource
+    from migrator.dest.source_client import GrpcControl
 
     tls = _tls(kw)
     try:
         secret, _ = load_secret(secret_file, create=False)
-        src = GrpcPageSource(source_addr, secret=secret, tls=tls)
+        src = GrpcControl(source_addr, secret=secret, tls=tls)
         try:
             message = src.rollback(force)
         finally:

@@ -30,6 +30,7 @@ class GuestOptions:
     zero_pct: int = 40
     text_pct: int = 30
     seed: int = 1
+    rate: int = 0  # operations per second per vCPU (0 = flat out)
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,14 @@ class SourceConfig:
     tls: TlsFiles = TlsFiles()
     # resume the guest here if the destination has not switched over this long after the pause
     switchover_timeout: float = 5.0
+    lanes: int = 2  # bulk lane worker processes (ports P+2 ...)
 
 
 @dataclass(frozen=True)
 class DestConfig:
     source: str = "127.0.0.1:7000"
-    fault_threads: int = 2
+    fault_threads: int = 1  # bench wakeups: a second thread only adds wake-ups (the fault path never blocks)
+    lanes: int = 2  # bulk lane processes
     demand_window: int = policy.DEFAULT_DEMAND_WINDOW
     compress: str = "auto"  # auto | none | zstd
     batch_pages: int = 512

@@ -33,6 +33,7 @@ class GuestSpec:
     zero_pct: int = 40
     text_pct: int = 30
     seed: int = 1
+    rate: int = 0  # operations per second per vCPU (0 = flat out)
     incoming: bool = False
     extra_env: dict[str, str] = field(default_factory=dict)
 
@@ -64,7 +65,7 @@ class GuestProcess:
             "--ram", str(spec.ram), "--page-size", str(spec.page_size),
             "--vcpus", str(spec.vcpus), "--workload", spec.workload,
             "--write-ratio", str(spec.write_ratio), "--zero-pct", str(spec.zero_pct),
-            "--text-pct", str(spec.text_pct), "--seed", str(spec.seed),
+            "--text-pct", str(spec.text_pct), "--seed", str(spec.seed), "--rate", str(spec.rate),
         ]  # fmt: skip
         if spec.incoming:
             cmd.append("--incoming")

@@ -82,7 +82,7 @@ class DemoSource:
         cmd = [sys.executable, "-m", "migrator", "source", "--listen", "127.0.0.1:0", "--ready-file", ready,
                "--ram", str(guest.ram), "--vcpus", str(guest.vcpus), "--workload", guest.workload,
                "--write-ratio", str(guest.write_ratio), "--zero-pct", str(guest.zero_pct),
-               "--text-pct", str(guest.text_pct), "--seed", str(guest.seed)] + (extra or [])  # fmt: skip
+               "--text-pct", str(guest.text_pct), "--seed", str(guest.seed), "--rate", str(guest.rate)] + (extra or [])  # fmt: skip
         env = dict(os.environ, **{ENV_SECRET: self.secret})
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env)
         try:

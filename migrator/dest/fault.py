@@ -1,17 +1,24 @@
-"""Fault threads: wait on the guest's userfaultfd and turn each fault into an action.
+"""Fault threads (in the fault process): wait on the guest's userfaultfd and turn
+each fault into an action.
 
-Wake-one waiting: every fault thread has its own epoll instance holding the uffd
-with EPOLLEXCLUSIVE, plus a shared eventfd that stops them all.  On this kernel
-a blocking read() on a uffd, select, poll and plain epoll all wake EVERY waiting
-thread for each fault; an exclusive epoll entry per thread wakes one.  The uffd
-is non-blocking, so a thread that loses the race to read just goes back to wait.
+Waiting: each fault thread has its own epoll instance holding the uffd with
+EPOLLEXCLUSIVE, plus an eventfd that stops them all.  On this kernel a blocking
+read() on a uffd, select, poll and plain epoll all wake EVERY waiting thread
+for each fault; an exclusive epoll entry per thread wakes one.  One thread is
+the default (``bench wakeups``: handling a fault never blocks here — a request
+is a queue put — so a second thread only adds wake-ups); the uffd is
+non-blocking, so a thread that loses the race to read just waits again.
 
-Per fault (no thread hand-off on this path):
-  page PRESENT            -> UFFDIO_WAKE (the install raced our read)
-  page REQUESTED/INSTALLING -> nothing; the UFFDIO_COPY that installs it wakes the vCPU
-  page known zero         -> install here, without the network
-  page MISSING            -> mark a small window REQUESTED, send one demand request,
-                             and steer the bulk stream past it (locality)
+Per fault (no thread hand-off on this path; ``pagestate.py`` for the states):
+  page PRESENT     -> UFFDIO_WAKE (an install raced our read)
+  page REQUESTED   -> nothing: the install that is coming wakes the vCPU
+  page known zero  -> installed here, without the network
+  page MISSING     -> a small window marked REQUESTED, one demand request, and
+                      a hint to the lane that owns the page to continue past it
+
+Every fault is recorded (page, time read, thread) so that its latency (until
+its page's install, ``installed_ns``) and the per-vCPU blocked time can be
+computed at the end.
 
 Lifecycle: start() -> threads wait; stop() writes the eventfd and joins; only
 then may the uffd be closed (never close an fd another thread waits on).
@@ -19,15 +26,19 @@ then may the uffd be closed (never close an fd another thread waits on).
 
 from __future__ import annotations
 
+import bisect
 import os
 import select
 import threading
+import time
 from collections.abc import Callable
 
-from migrator.dest.pagetable import MISSING, PRESENT, PageTable
+from migrator import policy
 from migrator.dest.install import Installer
+from migrator.dest.pagestate import HINTS, MISSING, PRESENT, REQUESTED, ZERO_READY, Counters, PageState
 from migrator.errors import MigratorError
 from migrator.uffd.fd import Fault, Userfaultfd
+from migrator.workers import set_thread_name
 
 
 class FaultHandler:
@@ -36,38 +47,54 @@ class FaultHandler:
     def __init__(
         self,
         uffd: Userfaultfd,
-        table: PageTable,
+        ps: PageState,
         installer: Installer,
-        zero_map: bytes,
         base: int,
         page_size: int,
         request: Callable[[int, int], None],
         window: int,
+        lane_starts: list[int],
+        counters: Counters,
     ) -> None:
-        self.uffd, self.table, self.installer = uffd, table, installer
-        self.zero_map = zero_map
-        self.base, self.ps = base, page_size
+        self.uffd, self.ps, self.installer = uffd, ps, installer
+        self.base, self.psize = base, page_size
         self.request = request
         self.window = window
-        self.faults = 0
-        self.spurious = 0
+        self.lane_starts = lane_starts  # first page of each lane, ascending
+        self.c = counters
+        self.records: list[tuple[int, int, int]] = []  # (page, monotonic ns read, tid)
+        self._last_seek = [0.0] * len(lane_starts)
+        self._seek_pos = [-1] * len(lane_starts)
 
     def __call__(self, f: Fault) -> None:
-        page = (f.address - self.base) // self.ps
-        if not 0 <= page < self.table.npages:
+        page = (f.address - self.base) // self.psize
+        ps = self.ps
+        if not 0 <= page < ps.npages:
             raise MigratorError("fault outside guest RAM", addr=f.address)
-        self.faults += 1
-        st = self.table.on_fault(page, f.ptid)
+        self.c.add("faults")
+        self.records.append((page, time.monotonic_ns(), f.ptid))
+        st = ps.state[page]
         if st == PRESENT:
-            self.spurious += 1
-            self.uffd.wake(self.base + page * self.ps, self.ps)
-        elif st != MISSING:
+            self.c.add("faults_spurious")
+            self.uffd.wake(self.base + page * self.psize, self.psize)
+        elif st == REQUESTED:
             return
-        elif self.zero_map[page]:
+        elif ps.words[ZERO_READY] and ps.zero[page]:
             self.installer.install_zero(page, f.write)
-        else:
-            n = self.table.request_window(page, self.window, self.zero_map)
+        elif st == MISSING:
+            n = ps.request_window(page, self.window)
             self.request(page, n)
+            self._hint(page + n)
+
+    def _hint(self, target: int) -> None:
+        """Steer the lane that owns ``target`` past the fault (QEMU's spatial hint)."""
+        if target >= self.ps.npages:
+            return
+        lane = bisect.bisect_right(self.lane_starts, target) - 1
+        now = time.monotonic()
+        if policy.should_seek(target, self._seek_pos[lane], now - self._last_seek[lane]):
+            self._last_seek[lane], self._seek_pos[lane] = now, target
+            self.ps.words[HINTS + lane] = target + 1
 
 
 class FaultThreads:
@@ -76,7 +103,7 @@ class FaultThreads:
         self.handler = handler
         self.on_error = on_error
         self._stopfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._threads = [threading.Thread(target=self._run, name=f"fault-{i}", daemon=True) for i in range(nthreads)]
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"fault-{i}", daemon=True) for i in range(nthreads)]
         self._ready = threading.Barrier(nthreads + 1)
 
     def start(self) -> None:
@@ -84,7 +111,8 @@ class FaultThreads:
             t.start()
         self._ready.wait(timeout=10)  # every thread is waiting before the guest runs
 
-    def _run(self) -> None:
+    def _run(self, i: int) -> None:
+        set_thread_name(f"fault-{i}")
         ep = select.epoll()
         try:
             ep.register(self.uffd.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)

@@ -1,30 +1,33 @@
-"""Install received pages into the guest: validate, claim, UFFDIO_COPY / ZEROPAGE.
+"""Install received pages into the guest: validate, then UFFDIO_COPY / ZEROPAGE runs.
 
 A batch is validated completely before anything is installed: page range,
-flag values, data length, and the CRC32 of every data page.  A batch that fails
-any check raises ProtocolError and changes nothing in the guest.
+flag values, data length, codec, and the XXH3-64 of its data.  A batch that
+fails any check raises ProtocolError and changes nothing in the guest.
 
-Then the pages this caller wins in the page table are installed in contiguous
-runs, one ioctl per run.  Races are normal: EEXIST means the kernel already has
-the page (counted, skipped), EAGAIN means retry; both are counters here, not
-errors.  UFFDIO_COPY wakes the vCPUs waiting on the range.
+Then every page the batch carries that is not PRESENT yet is installed, in
+contiguous runs, one ioctl per run, straight from the received message (no
+copy: ``wire/fastbatch.py``).  Races with other installers (another process's
+copy of the same page) are settled by the kernel: ``EEXIST`` means the page is
+already there (counted as a duplicate, skipped), ``EAGAIN`` means the address
+space is changing (retried).  ``UFFDIO_COPY`` wakes the vCPUs waiting on the
+range.  See ``pagestate.py`` for why this needs no lock.
 """
 
 from __future__ import annotations
 
 import ctypes
 import time
-import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
+import xxhash
 import zstandard
 
 from migrator import policy
-from migrator.dest.pagetable import PageTable
-from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO, VALID_FLAGS
+from migrator.dest.pagestate import PRESENT, Counters, PageState
 from migrator.errors import IntegrityError, PageExists, ProtocolError, RetryLater
-from migrator.stats import DestStats
+from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO, VALID_FLAGS
 from migrator.uffd.fd import Userfaultfd
+from migrator.wire import fastbatch
 from migrator.wire import migration_pb2 as pb
 
 MAX_EAGAIN = 1000
@@ -35,22 +38,39 @@ def buffer_address(data: bytes) -> int:
     return ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0
 
 
+class Decoded:
+    """A validated batch: its header fields and its raw page data (kept alive here)."""
+
+    __slots__ = ("batch", "data", "address")
+
+    def __init__(self, batch: fastbatch.Batch, data: bytes, address: int) -> None:
+        self.batch, self.data, self.address = batch, data, address
+
+
 class Installer:
-    def __init__(self, uffd: Userfaultfd, table: PageTable, base: int, page_size: int, stats: DestStats) -> None:
+    def __init__(self, uffd: Userfaultfd, ps: PageState, base: int, page_size: int, counters: Counters) -> None:
         self.uffd = uffd
-        self.table = table
+        self.ps = ps
         self.base = base
-        self.ps = page_size
-        self.npages = table.npages
-        self.stats = stats
+        self.psize = page_size
+        self.npages = ps.npages
+        self.c = counters
         self._zero_page = bytes(page_size)
         self._zero_addr = buffer_address(self._zero_page)
         self._dctx = zstandard.ZstdDecompressor()
 
     # -- validation ------------------------------------------------------------
-    def decode(self, batch: pb.PageBatch) -> tuple[int, bytes]:
-        """Validate a batch; returns (bytes on the wire, raw page data); raises ProtocolError."""
-        first, count, flags = batch.first_page, batch.count, batch.flags
+    def decode(self, raw: bytes, epoch: int) -> Decoded:
+        """Parse and validate one serialized PageBatch; raises ProtocolError."""
+        try:
+            b = fastbatch.decode(raw)
+        except ValueError as exc:
+            raise ProtocolError(f"undecodable batch: {exc}") from None
+        if b.epoch != epoch:
+            raise ProtocolError("a batch of another migration", epoch=f"{b.epoch:x}", ours=f"{epoch:x}")
+        if b.last:
+            return Decoded(b, b"", 0)
+        first, count, flags = b.first_page, b.count, b.flags
         if count == 0 or first >= self.npages or first + count > self.npages:
             raise ProtocolError("batch outside guest RAM", first=first, count=count, pages=self.npages)
         if len(flags) != count:
@@ -58,150 +78,151 @@ class Installer:
         if flags.translate(None, VALID_FLAGS):
             raise ProtocolError("batch has an unknown page flag", first=first)
         ndata = flags.count(FLAG_DATA)
-        if len(batch.crc32) != ndata or batch.raw_size != ndata * self.ps:
-            raise ProtocolError(
-                "batch data does not match its flags", first=first, data_pages=ndata, crcs=len(batch.crc32), raw=batch.raw_size
-            )
-        data = batch.data  # one copy out of the message; take it once
-        wire = len(data)
-        if batch.codec == pb.CODEC_ZSTD:
-            # python-zstandard trusts the frame's declared size over max_output_size:
-            # check the declared size first, so a hostile frame cannot make us allocate.
-            try:
-                declared = zstandard.frame_content_size(data)
-            except zstandard.ZstdError as exc:
-                raise ProtocolError(f"bad zstd frame: {exc}", first=first) from exc
-            if declared not in (-1, batch.raw_size):  # -1: not declared; max_output_size bounds it
-                raise ProtocolError("zstd frame size does not match the batch", first=first, declared=declared, want=batch.raw_size)
-            try:
-                data = self._dctx.decompress(data, max_output_size=batch.raw_size)
-            except zstandard.ZstdError as exc:
-                raise ProtocolError(f"cannot decompress batch: {exc}", first=first) from exc
-        elif batch.codec != pb.CODEC_NONE:
-            raise ProtocolError("unknown codec", codec=batch.codec)
-        if len(data) != batch.raw_size:
-            raise ProtocolError("truncated or oversized batch data", first=first, got=len(data), want=batch.raw_size)
-        ps = self.ps
-        mv = memoryview(data)
-        crcs = list(batch.crc32)
-        for k in range(ndata):
-            if zlib.crc32(mv[k * ps : (k + 1) * ps]) != crcs[k]:
-                page = first + _nth_data_index(flags, k)
-                raise IntegrityError("page failed its checksum", page=page)
-        return wire, data
+        if b.raw_size != ndata * self.psize:
+            raise ProtocolError("batch data does not match its flags", first=first, data_pages=ndata, raw=b.raw_size)
+        data: bytes
+        if b.codec == pb.CODEC_ZSTD:
+            data = self._decompress(b, first)
+            address = buffer_address(data)
+        elif b.codec == pb.CODEC_NONE:
+            if len(b.data) != b.raw_size:
+                raise ProtocolError("truncated or oversized batch data", first=first, got=len(b.data), want=b.raw_size)
+            data = raw  # the pages stay where they arrived: installed from there
+            address = buffer_address(raw) + b.data_offset
+        else:
+            raise ProtocolError("unknown codec", codec=b.codec)
+        view = b.data if b.codec == pb.CODEC_NONE else memoryview(data)
+        if ndata and xxhash.xxh3_64_intdigest(view) != b.xxh3:
+            raise IntegrityError("batch failed its checksum", first=first, count=count)
+        return Decoded(b, data, address)
+
+    def _decompress(self, b: fastbatch.Batch, first: int) -> bytes:
+        # python-zstandard trusts the frame's declared size over max_output_size:
+        # check the declared size first, so a hostile frame cannot make us allocate.
+        frame = bytes(b.data)
+        try:
+            declared = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise ProtocolError(f"bad zstd frame: {exc}", first=first) from exc
+        if declared not in (-1, b.raw_size):  # -1: not declared; max_output_size bounds it
+            raise ProtocolError("zstd frame size does not match the batch", first=first, declared=declared, want=b.raw_size)
+        try:
+            data = self._dctx.decompress(frame, max_output_size=b.raw_size)
+        except zstandard.ZstdError as exc:
+            raise ProtocolError(f"cannot decompress batch: {exc}", first=first) from exc
+        if len(data) != b.raw_size:
+            raise ProtocolError("truncated or oversized batch data", first=first, got=len(data), want=b.raw_size)
+        return data
 
     # -- installing -------------------------------------------------------------
-    def install(self, first: int, flags: bytes, data: bytes, channel: str) -> int:
-        """Install the pages of a validated batch that nobody else has; returns pages installed."""
-        mine = self.table.claim(first, flags)
-        n = len(flags)
+    def install(self, d: Decoded, channel: str) -> int:
+        """Install the pages of a validated batch that are not present yet; returns pages installed."""
+        b = d.batch
+        first, flags, n = b.first_page, b.flags, b.count
+        mask = self.ps.not_present_mask(first, n)
         received = n - flags.count(FLAG_OMITTED)
-        won = mine.count(1)
-        # what to do per page: the flag where the page is ours, else 0 (skip)
-        kind = flags if won == n else bytes(f if m else 0 for f, m in zip(flags, mine))
-        src = buffer_address(data)
-        ps = self.ps
+        if mask.count(0):  # some are here already: install only the others
+            kind = (int.from_bytes(flags, "little") & int.from_bytes(mask, "little")).to_bytes(n, "little")
+        else:
+            kind = flags
+        ps = self.psize
         n_data = n_zero = 0
-        try:
-            for value, i, j in policy.value_runs(kind):
-                if value == FLAG_DATA:
-                    d = flags.count(FLAG_DATA, 0, i)  # page i's index among the data pages
-                    self._copy_run(self.base + (first + i) * ps, src + d * ps, (j - i) * ps)
-                    n_data += j - i
-                elif value == FLAG_ZERO:
-                    self._zero_run(self.base + (first + i) * ps, (j - i) * ps)
-                    n_zero += j - i
-        except BaseException:
-            self.table.unclaim(first, mine)
-            raise
-        woken = self.table.installed(first, mine)
-        now = time.perf_counter_ns()
-        st = self.stats
-        with st.lock:
-            if channel == "demand":
-                st.pages_demand += n_data
-            else:
-                st.pages_prefetch += n_data
-            st.pages_zero += n_zero
-            st.duplicates += received - won
-            st.record_resolved(woken, now)
-            st.timeline.append((now, channel, won, 0))
-        return won
+        for value, i, j in policy.value_runs(kind):
+            if value == FLAG_DATA:
+                di = flags.count(FLAG_DATA, 0, i)  # page i's index among the data pages
+                n_data += self._copy_run(first + i, j - i, d.address + di * ps)
+            elif value == FLAG_ZERO:
+                n_zero += self._fill(first + i, j - i, self._zero_op)
+        c = self.c
+        c.add("installed", n_data + n_zero)
+        c.add("data_pages", n_data)
+        c.add("zero_pages", n_zero)
+        c.add("duplicates", received - (kind.count(FLAG_DATA) + kind.count(FLAG_ZERO)))  # present already: skipped
+        return n_data + n_zero
 
-    def install_zero(self, page: int, write: bool) -> None:
-        """Resolve a fault on a known-zero page locally, without the network.
+    def install_zero(self, page: int, write: bool) -> bool:
+        """Resolve a fault on a known-zero page here, without the network.
 
         A write fault gets a private zero page by UFFDIO_COPY (one fault); a
         read fault gets the shared zero page (cheaper now, one CoW fault later
-        if the guest writes it).
+        if the guest writes it).  False if another installer was first.
         """
-        mine = self.table.claim(page, b"\x02")
-        if not mine[0]:
-            return
-        dst = self.base + page * self.ps
-        try:
-            if write:
-                self._copy_run(dst, self._zero_addr, self.ps)
-            else:
-                self._zero_run(dst, self.ps)
-        except BaseException:
-            self.table.unclaim(page, mine)
-            raise
-        woken = self.table.installed(page, mine)
-        now = time.perf_counter_ns()
-        with self.stats.lock:
-            self.stats.pages_zero += 1
-            self.stats.pages_zero_local += 1
-            self.stats.record_resolved(woken, now)
-            self.stats.timeline.append((now, "zero", 1, 0))
+        if write:
+            done = self._copy_run(page, 1, self._zero_addr)
+        else:
+            done = self._fill(page, 1, self._zero_op)
+        self.c.add("installed", done)
+        self.c.add("zero_pages", done)
+        self.c.add("zero_local", done)
+        return bool(done)
 
     def install_zero_range(self, first: int, count: int) -> int:
-        """Map a run of known-zero pages (those still missing); returns pages mapped."""
-        return self.install(first, bytes([FLAG_ZERO]) * count, b"", "zero")
+        """Map the pages of a run of known-zero pages that are still missing."""
+        mask = self.ps.not_present_mask(first, count)
+        done = 0
+        for value, i, j in policy.value_runs(mask.replace(b"\xff", b"\x02")):
+            if value == 2:
+                done += self._fill(first + i, j - i, self._zero_op)
+        self.c.add("installed", done)
+        self.c.add("zero_pages", done)
+        return done
 
-    def _copy_run(self, dst: int, src: int, length: int) -> None:
-        def op(off: int, n: int) -> int:
-            if n == self.ps:  # the fast single-page ioctl: nothing copied when it fails
-                self.uffd.copy_page(dst + off, src + off, n)
-                return n
-            return self.uffd.copy(dst + off, src + off, n)
+    def _copy_run(self, page: int, count: int, src: int) -> int:
+        def op(dst: int, off: int, length: int) -> int:
+            if length == self.psize:  # the fast single-page ioctl: nothing copied when it fails
+                self.uffd.copy_page(dst, src + off, length)
+                return length
+            return self.uffd.copy(dst, src + off, length)
 
-        self._fill(op, length)
+        return self._fill(page, count, op)
 
-    def _zero_run(self, dst: int, length: int) -> None:
-        self._fill(lambda off, n: self.uffd.zeropage(dst + off, n), length)
+    def _zero_op(self, dst: int, _off: int, length: int) -> int:
+        return self.uffd.zeropage(dst, length)
 
-    def _fill(self, op: Callable[[int, int], int], length: int) -> None:
-        """Run a COPY/ZEROPAGE ioctl over [0, length) to the end, across the benign races.
+    def _fill(self, page: int, count: int, op: Callable[[int, int, int], int]) -> int:
+        """Run a COPY/ZEROPAGE ioctl over ``count`` pages from ``page`` to the end,
+        across the benign races; marks what the kernel took PRESENT; returns how many.
 
         EEXIST: the kernel stopped at a page that is already there: skip it.
         EAGAIN with progress: a run stopped early: go on from there.
         EAGAIN without progress: the address space is changing: retry, bounded.
         """
-        done = tries = 0
+        ps, base = self.psize, self.base
+        length = count * ps
+        done = taken = tries = 0
+        mark_from = 0  # start (bytes) of the pages taken and not yet marked
         while done < length:
+            dst = base + page * ps + done
             try:
-                done += op(done, length - done)
+                got = op(dst, done, length - done)
+                done += got
+                taken += got
+                continue
             except PageExists as exc:
-                done += getattr(exc, "copied", 0) + self.ps
-                self.stats.add(kernel_eexist=1)
+                copied = getattr(exc, "copied", 0)
+                taken += copied
+                done += copied
+                self._mark(page, mark_from, done)
+                self.ps.state[page + done // ps] = PRESENT  # someone else's install (it may not have said so yet)
+                done += ps
+                mark_from = done
+                self.c.add("kernel_eexist")
             except RetryLater as exc:
                 copied = getattr(exc, "copied", 0)
                 done += copied
+                taken += copied
                 if copied:
                     continue
                 tries += 1
-                self.stats.add(kernel_eagain=1)
+                self.c.add("kernel_eagain")
                 if tries > MAX_EAGAIN:
                     raise
                 time.sleep(0.0001)
+        self._mark(page, mark_from, done)
+        self.c.add("duplicates", count - taken // ps)
+        return taken // ps
 
-
-def _nth_data_index(flags: Sequence[int] | bytes, k: int) -> int:
-    seen = -1
-    for i, f in enumerate(flags):
-        if f == FLAG_DATA:
-            seen += 1
-            if seen == k:
-                return i
-    return -1
+    def _mark(self, page: int, start: int, end: int) -> None:
+        if end > start:
+            ps = self.psize
+            self.ps.mark_present(page + start // ps, (end - start) // ps)

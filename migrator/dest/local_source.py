@@ -1,15 +1,19 @@
-"""A page source in this process: a RAM image served with the same batches as
-the gRPC source (the transport seam, httpx's MockTransport for us).
+"""Pages from a RAM image file, no network: the transport seam's local form
+(httpx's MockTransport for us), and what a lazy restore reads from.
 
-The destination pipeline (fault threads, page table, installer, prefetcher)
-runs unchanged against it, so the fault path can be tested and measured
-without a network.  The image is only data here: the guest whose RAM faults is
-still its own process.
+The destination pipeline — the fault process and the lanes, real userfaultfd,
+a real guest process — runs unchanged against it: the session talks to a
+:class:`LocalControl` instead of a source, and each worker opens an
+:class:`ImagePageSource` on the same file instead of a gRPC channel
+(:func:`open_page_source`).  Batches are built by the source's own
+``BatchBuilder`` from the image, so the installer sees exactly what a source
+would send.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import queue
 import threading
 import time
@@ -19,94 +23,130 @@ from typing import Any
 import zstandard
 
 from migrator import PROTOCOL_VERSION
-from migrator.source.batches import BatchBuilder
 from migrator.pagemaps import FLIP01
+from migrator.source.batches import BatchBuilder
+from migrator.source.serving import MAX_DEMAND_PAGES, lane_range
 from migrator.wire import migration_pb2 as pb
 
 
-class _ImageReader:
-    def __init__(self, image: bytes | bytearray | memoryview, page_size: int) -> None:
-        self.image = memoryview(image)
+class _FileReader:
+    """Pages of an image file (holes read as zeros)."""
+
+    def __init__(self, path: str, page_size: int) -> None:
+        self.fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self.page_size = page_size
 
     def read_into(self, first: int, buf: memoryview) -> None:
+        done = 0
         off = first * self.page_size
-        buf[:] = self.image[off : off + len(buf)]
+        while done < len(buf):
+            n = os.preadv(self.fd, [buf[done:]], off + done)
+            if n <= 0:  # past the end of the file: zeros
+                buf[done:] = bytes(len(buf) - done)
+                return
+            done += n
+
+    def close(self) -> None:
+        os.close(self.fd)
 
 
-class _LocalDemand:
-    def __init__(self, src: "LocalPageSource") -> None:
-        self._src = src
+class _Demand:
+    def __init__(self, src: "ImagePageSource", epoch: int) -> None:
+        self._src, self._epoch = src, epoch
         self._q: queue.SimpleQueue[tuple[int, int, int] | None] = queue.SimpleQueue()
 
     def request(self, request_id: int, first: int, count: int) -> None:
         self._q.put((request_id, first, count))
 
-    def responses(self) -> Iterator[pb.PageBatch]:
-        builder = BatchBuilder(self._src.reader, self._src.untouched, 256)
+    def responses(self) -> Iterator[bytes]:
+        builder = BatchBuilder(self._src.reader, self._src.untouched, MAX_DEMAND_PAGES)
         while (item := self._q.get()) is not None:
             rid, first, count = item
-            batch = builder.build(first, count, None, pb.CODEC_NONE, request_id=rid)
-            batch.epoch = self._src.epoch
-            yield batch
+            yield builder.build(first, count, None, pb.CODEC_NONE, request_id=rid, epoch=self._epoch).message
 
     def close(self) -> None:
         self._q.put(None)
 
 
-class _LocalBulk:
-    def __init__(self, src: "LocalPageSource", codec: int, batch_pages: int, seek: int) -> None:
-        self._src, self._codec, self._batch = src, codec, batch_pages or 512
-        self._pos = seek
+class _Bulk:
+    def __init__(self, src: "ImagePageSource", epoch: int, lane: int, lanes: int, codec: int, batch_pages: int,
+                 seek: int) -> None:  # fmt: skip
+        self._src, self._epoch, self._lane = src, epoch, lane
+        self._start, self._end = lane_range(lane, lanes, src.npages)
+        self._codec, self._batch = codec, batch_pages or 512
+        self._pos = max(self._start, min(seek, self._end))
         self._closed = threading.Event()
 
     def seek(self, page: int) -> None:
-        self._pos = page
+        if self._start <= page < self._end:
+            self._pos = page
 
     def set_codec(self, codec: int) -> None:
         self._codec = codec
 
-    def responses(self) -> Iterator[pb.PageBatch]:
+    def responses(self) -> Iterator[bytes]:
         src = self._src
         builder = BatchBuilder(src.reader, src.untouched, self._batch)
         need = bytearray(src.untouched)  # 0 = still to send
-        zero_map: bytes | None = zstandard.ZstdCompressor().compress(src.untouched)
+        zero_map = zstandard.ZstdCompressor().compress(src.untouched) if self._lane == 0 else b""
         while not self._closed.is_set():
-            p = need.find(0, self._pos)
+            p = need.find(0, self._pos, self._end)
             if p < 0:
-                p = need.find(0)
+                p = need.find(0, self._start, self._end)
             if p < 0:
                 break
-            end = min(p + self._batch, src.npages)
-            include = need[p:end].translate(FLIP01)
-            need[p:end] = b"\x01" * (end - p)
-            self._pos = end
-            batch = builder.build(p, end - p, include, self._codec)
-            batch.epoch = src.epoch
-            if zero_map is not None:
-                batch.zero_map_zstd, zero_map = zero_map, None
-            yield batch
-        yield pb.PageBatch(epoch=src.epoch, last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map or b"")
+            stop = min(p + self._batch, self._end)
+            include = need[p:stop].translate(FLIP01)
+            need[p:stop] = b"\x01" * (stop - p)
+            self._pos = stop
+            yield builder.build(p, stop - p, include, self._codec, epoch=self._epoch, zero_map_zstd=zero_map).message
+            zero_map = b""
+        yield pb.PageBatch(epoch=self._epoch, last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map).SerializeToString()
 
     def close(self) -> None:
         self._closed.set()
 
 
-class LocalPageSource:
-    def __init__(self, image: bytes | bytearray | memoryview, page_size: int, vcpu_state: dict[str, Any], vcpus: int = 2) -> None:
-        self.reader = _ImageReader(image, page_size)
-        self.page_size = page_size
-        self.npages = len(self.reader.image) // page_size
-        self.untouched = bytes(self.npages)  # every page is served (zero ones as flags)
-        self.vcpu_state = vcpu_state
-        self.vcpus = vcpus
+class ImagePageSource:
+    """A worker's page source: the image file at ``path``."""
+
+    def __init__(self, path: str, page_size: int) -> None:
+        self.reader = _FileReader(path, page_size)
+        self.npages = os.fstat(self.reader.fd).st_size // page_size
+        self.untouched = bytes(self.npages)  # every page is read (zero ones travel as flags)
+
+    def ready(self, timeout: float) -> None:
+        return None
+
+    def open_demand(self, epoch: int) -> _Demand:
+        return _Demand(self, epoch)
+
+    def open_bulk(self, epoch: int, lane: int, lanes: int, codec: int, batch_pages: int, seek: int,
+                  missing_zstd: bytes = b"") -> _Bulk:  # fmt: skip
+        return _Bulk(self, epoch, lane, lanes, codec, batch_pages, seek)
+
+    def close(self) -> None:
+        self.reader.close()
+
+
+class LocalControl:
+    """The session's side of an image: describe it, "pause" it (nothing to pause), complete."""
+
+    def __init__(self, path: str, page_size: int, vcpu_state: dict[str, Any], vcpus: int = 2) -> None:
+        self.path, self.page_size = path, page_size
+        self.npages = os.stat(path).st_size // page_size
+        self.vcpu_state, self.vcpus = vcpu_state, vcpus
+        self.epoch = 0
         self.completed = threading.Event()
         self.switched = threading.Event()
-        self.epoch = 0
+
+    def worker_source(self) -> dict[str, Any]:
+        return {"kind": "image", "path": self.path, "page_size": self.page_size}
 
     def describe(self) -> pb.Manifest:
         return pb.Manifest(protocol_version=PROTOCOL_VERSION, ram_size=self.npages * self.page_size,
-                           page_size=self.page_size, vcpus=self.vcpus)  # fmt: skip
+                           page_size=self.page_size, vcpus=self.vcpus, urgent_port_offset=1,
+                           lane_port_offsets=[2])  # fmt: skip
 
     def handshake(self, token: bytes) -> pb.Manifest:
         m = self.describe()
@@ -114,15 +154,6 @@ class LocalPageSource:
         m.vcpu_state = json.dumps(self.vcpu_state).encode()
         m.paused_unix_ns = time.time_ns()
         return m
-
-    def open_demand(self) -> _LocalDemand:
-        return _LocalDemand(self)
-
-    def open_bulk(self, codec: int, batch_pages: int, seek: int, missing_zstd: bytes = b"") -> _LocalBulk:
-        return _LocalBulk(self, codec, batch_pages, seek)
-
-    def ping(self, timeout: float) -> None:
-        return None
 
     def switchover(self, timeout: float = 0.0) -> None:
         self.switched.set()
@@ -134,5 +165,19 @@ class LocalPageSource:
     def cancel(self, reason: str) -> None:
         return None
 
+    def rollback(self, force: bool) -> str:
+        return "nothing to roll back: an image"
+
     def close(self) -> None:
         return None
+
+
+def open_page_source(spec: dict[str, Any]) -> Any:
+    """A worker's page source from its configuration: gRPC (``address``) or an image (``path``)."""
+    if spec.get("kind") == "image":
+        return ImagePageSource(spec["path"], int(spec["page_size"]))
+    from migrator.dest.source_client import GrpcPageSource
+    from migrator.security import TlsFiles
+
+    tls = TlsFiles(**spec["tls"]) if spec.get("tls") else None
+    return GrpcPageSource(spec["address"], secret=spec.get("secret"), tls=tls)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 
-from migrator.dest.source_client import PageSource
+from migrator.dest.source_client import Control
 from migrator.errors import MigrationEnded, MigratorError
 
 BACKOFF_FIRST_S = 0.1
@@ -23,7 +23,7 @@ BACKOFF_MAX_S = 2.0
 
 class Release:
     def __init__(
-        self, src: PageSource, installed: int, say: Callable[[str], None], on_fatal: Callable[[BaseException], None]
+        self, src: Control, installed: int, say: Callable[[str], None], on_fatal: Callable[[BaseException], None]
     ) -> None:
         self.src, self.installed, self.say, self.on_fatal = src, installed, say, on_fatal
         self.confirmed = threading.Event()
@@ -34,7 +34,7 @@ class Release:
 
     def start(self) -> None:
         """Try once now (the common case: confirmed at once), else keep trying in the background."""
-        if self._attempt():
+        if self._attempt() or self._stop.is_set():
             return
         self.say(f"the source has not confirmed the release yet ({self.last_error}); the guest keeps running "
                  f"here with every page; retrying")  # fmt: skip

@@ -1,19 +1,23 @@
 """One post-copy migration, destination side, from empty guest to completion.
 
-Steps (downtime is 3 to 5; everything slow happens before the pause):
+Steps (the downtime is 4 to 6; everything slow happens before the pause):
 
  1. describe the source's guest (no pause) and start an empty incoming guest;
     it passes its userfaultfd; UFFDIO_API + UFFDIO_REGISTER (MISSING) on it;
- 2. start fault threads, the urgent stream and the bulk stream's connection;
+ 2. start the worker processes (``crew.py``): the fault process (fault
+    threads, the urgent stream) and the bulk lanes, each connected to its
+    own server on the source, all holding the uffd and the shared page state;
  3. handshake: the source pauses its guest and returns the vCPU state
-    (retried with the same token across a lost connection);
+    (retried with the same token across a lost connection); the fault process
+    opens its urgent stream at once;
  4. switch-over: the source records that this side may run the guest; only
     then is it resumed here;
  5. resume the guest with that state: it runs, faulting on missing pages;
-    the streams open (the map of never-touched pages comes with the first
-    bulk batch);
- 6. wait until every page is present, watching the guest and every thread;
- 7. stop the threads, UFFDIO_UNREGISTER, close the uffd, then Complete: only
+    the lanes start streaming;
+ 6. wait until every page is present (the processes' counters in shared
+    memory), watching the guest and every worker; a lost connection is
+    reconnected by each worker, this session says so and keeps the deadline;
+ 7. stop the workers, UFFDIO_UNREGISTER, close the uffd, then Complete: only
     now may the source drop its copy.  Complete is retried (``release.py``)
     until the source confirms; a complete guest is never stopped for want of
     that confirmation.
@@ -37,12 +41,11 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from migrator.config import DestConfig
-from migrator.dest.fault import FaultHandler, FaultThreads
-from migrator.dest.install import Installer
-from migrator.dest.pagetable import PageTable
-from migrator.dest.channels import Channels
-from migrator.dest.source_client import GrpcPageSource, PageSource
+from migrator.dest.crew import Crew, event_error
+from migrator.dest.pagestate import EPOCH, PageState
+from migrator.dest.priority import deprioritize, restore_priority
 from migrator.dest.release import Release
+from migrator.dest.source_client import Control, GrpcControl, port_address
 from migrator.errors import (
     AuthError,
     GuestDied,
@@ -61,6 +64,8 @@ from migrator.wire import migration_pb2 as pb
 
 log = logging.getLogger("migrator.dest")
 T = TypeVar("T")
+MAX_LANES = 16
+OUTAGE_GRACE_S = 2.0  # a worker that notices a cut this long after the others: the same outage
 
 
 @dataclass
@@ -103,51 +108,16 @@ def _is_loopback(address: str) -> bool:
     return all(ipaddress.ip_address(i[4][0]).is_loopback for i in infos)
 
 
-def _deprioritize(pid: int, nice: int) -> bool:
-    """Lower the guest's CPU priority while it is mostly waiting for pages.
-
-    On a small machine the guest's runnable vCPUs compete with the migration
-    pipeline for the same cores; every millisecond they take delays the pages
-    they are about to wait for.  Only done where it can be undone
-    (CAP_SYS_NICE): raising a priority back needs it.
-    """
-    if nice <= 0 or not _has_cap_sys_nice():
-        return False
-    try:
-        os.setpriority(os.PRIO_PROCESS, pid, nice)
-    except OSError:
-        return False
-    return True
-
-
-def _restore_priority(pid: int, tids: list[int]) -> None:
-    for tid in [pid, *tids]:
-        try:
-            os.setpriority(os.PRIO_PROCESS, tid, 0)
-        except OSError as exc:
-            log.warning("cannot restore the priority of guest thread %d: %s", tid, exc.strerror)
-
-
-def _has_cap_sys_nice() -> bool:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> 23 & 1)  # CAP_SYS_NICE = 23
-    except OSError:
-        pass
-    return False
-
-
 class DestinationSession:
-    def __init__(self, cfg: DestConfig, source: PageSource | None = None) -> None:
+    def __init__(self, cfg: DestConfig, control: Control | None = None) -> None:
         self.cfg = cfg
-        self.source = source
+        self.control = control
         self._failure: BaseException | None = None
         self._failed = threading.Event()
         self.guest: GuestProcess | None = None
         self.uffd: Userfaultfd | None = None
-        self.channels: Channels | None = None
+        self.crew: Crew | None = None
+        self.ps: PageState | None = None
         self.release: Release | None = None
         self.token = os.urandom(16)  # names this destination's handshake (idempotent retries)
         self.say: Callable[[str], None] = lambda m: log.warning("%s", m)
@@ -169,10 +139,10 @@ class DestinationSession:
     def migrate(self, on_progress: Callable[[Progress], None] | None = None) -> Outcome:
         """Run steps 1-7; returns with the guest running on this side."""
         cfg = self.cfg
-        if self.source is None:
-            self.source = GrpcPageSource(cfg.source, secret=cfg.secret, tls=cfg.tls, connect_timeout=cfg.connect_timeout)
-        src = self.source
-        desc = src.describe()
+        if self.control is None:
+            self.control = GrpcControl(cfg.source, secret=cfg.secret, tls=cfg.tls, connect_timeout=cfg.connect_timeout)
+        ctl = self.control
+        desc = ctl.describe()
         spec = GuestSpec(ram=desc.ram_size, page_size=desc.page_size, vcpus=desc.vcpus or 2, incoming=True)
         self.guest = guest = GuestProcess(spec)
         h = guest.hello
@@ -181,69 +151,81 @@ class DestinationSession:
         uffd.api(abi.UFFD_FEATURE_THREAD_ID)
         uffd.register(h.addr, h.size)
         npages = h.size // h.page_size
-        table = PageTable(npages)
-        stats = DestStats()
-        installer = Installer(uffd, table, h.addr, h.page_size, stats)
+        self.ps = ps = PageState.create(npages)
         manifest: pb.Manifest | None = None
-        channels: Channels | None = None
-        faults: FaultThreads | None = None
         switched = resumed = False
         try:
             # Everything that does not need the manifest is ready before the pause.
-            # The zero map comes with the first bulk batch (outside the downtime);
-            # until then no page is known to be zero and faults go to the source.
-            loopback = _is_loopback(cfg.source) if isinstance(src, GrpcPageSource) else True
-            zero_map = bytes(npages)
-            channels = Channels(src, installer, table, zero_map, stats, cfg, loopback, self.fail, self.say)
-            handler = FaultHandler(uffd, table, installer, zero_map, h.addr, h.page_size, channels.request, cfg.demand_window)
-            channels.handler = handler
-            faults = FaultThreads(uffd, handler, cfg.fault_threads, self.fail)
-            faults.start()
-            niced = _deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
-
-            manifest = self._retrying("handshake", lambda: src.handshake(self.token))  # the source pauses
+            self.crew = crew = self._start_crew(desc, ps, uffd.fd, h.addr, h.page_size)
+            niced = deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
+            manifest = self._retrying("handshake", lambda: ctl.handshake(self.token))  # the source pauses
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
             state = json.loads(manifest.vcpu_state)
+            ps.words[EPOCH] = manifest.epoch
+            urgent = crew.open_urgent(manifest.epoch)  # opens while the switch-over travels
             # Only once the source has recorded the switch-over may the guest run here.
-            self._retrying("switch-over", src.switchover)
+            self._retrying("switch-over", ctl.switchover)
             switched = True
+            crew.fault.wait(urgent, 10)  # no fault waits for the urgent stream to open
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
-            resumed = True  # downtime ends; faults until the streams open are recorded and sent then
-            channels.start()
-            self.channels = channels
-            out = Outcome(manifest, stats, guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
+            resumed = True
+            crew.start_lanes(manifest.epoch)
+            out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.tids = list(reply.get("tids", []))
             log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
-            self._wait_all_present(table, out, on_progress)
+            self._wait_all_present(out, on_progress)
             out.done_ns = time.time_ns()
             if niced:
-                _restore_priority(guest.hello.pid, out.tids)
-            stats.faults = handler.faults
-            stats.faults_spurious = handler.spurious
+                restore_priority(guest.hello.pid, out.tids)
         except BaseException as exc:
-            for part in (faults, channels):
-                if part is not None:
-                    part.stop()
+            if self.crew is not None:
+                self.crew.kill()
             guest.kill()
             uffd.close()
             told = self._failed_because(exc, manifest, switched, resumed)
             if told is exc:
                 raise
             raise told from exc
-        out.compression = channels.compression
-        out.reconnects = channels.reconnects
-        faults.stop()
-        channels.stop()
+        self._collect(out, crew.stop())
         uffd.unregister(h.addr, h.size)
         uffd.close()
         # Every page is here: the source may release its copy.  Confirmed, or
         # retried in the background; never a reason to stop this guest.
-        self.release = Release(src, table.present, self.say, self.fail)
+        self.release = Release(ctl, npages, self.say, self.fail)
         out.release = self.release
         self.release.start()
         return out
+
+    def _start_crew(self, desc: pb.Manifest, ps: PageState, uffd_fd: int, base: int, page_size: int) -> Crew:
+        cfg = self.cfg
+        if not desc.lane_port_offsets or not desc.urgent_port_offset:
+            raise ProtocolError("the source did not say where its page servers listen")
+        lanes = max(1, min(cfg.lanes, MAX_LANES))
+        offsets = list(desc.lane_port_offsets)
+        local = getattr(self.control, "worker_source", None)  # an image: every worker reads the file
+        if local is not None:
+            source: dict[str, Any] = local()
+            urgent, lane_addrs = "", [""] * lanes
+        else:
+            tls = cfg.tls
+            source = {"kind": "grpc", "secret": cfg.secret,
+                      "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls.enabled else None}  # fmt: skip
+            urgent = port_address(cfg.source, desc.urgent_port_offset)
+            lane_addrs = [port_address(cfg.source, offsets[i % len(offsets)]) for i in range(lanes)]
+        crew = Crew(
+            ps, uffd_fd, base, page_size, lanes, source, urgent, lane_addrs,
+            window=cfg.demand_window, fault_threads=cfg.fault_threads, batch_pages=cfg.batch_pages,
+            compress=cfg.compress, loopback=local is not None or _is_loopback(cfg.source),
+            connect_timeout=cfg.connect_timeout,
+        )  # fmt: skip
+        try:
+            crew.wait_ready(cfg.connect_timeout + 30)
+        except BaseException:
+            crew.kill()
+            raise
+        return crew
 
     def _retrying(self, what: str, call: Callable[[], T]) -> T:
         """``call`` until it answers, across a lost connection, for up to the reconnect
@@ -266,41 +248,110 @@ class DestinationSession:
 
     def _failed_because(self, exc: BaseException, manifest: pb.Manifest | None, switched: bool, resumed: bool) -> BaseException:
         """What a failure means for the guest, in one line (the guest here is stopped)."""
-        src = self.source
-        assert src is not None
+        ctl = self.control
+        assert ctl is not None
         if manifest is not None and not switched:
             # the guest never ran here: the source may resume its copy at once
             try:
-                src.cancel(f"destination failed before the switch-over: {exc}")
+                ctl.cancel(f"destination failed before the switch-over: {exc}")
             except MigratorError:
                 pass  # it resumes its guest by itself after its switch-over timeout
             return exc
         if switched and not isinstance(exc, MigrationEnded) and isinstance(exc, MigratorError):
             how = "after the switch-over" if not resumed else "while pages were missing"
-            where = self.cfg.source
             return type(exc)(
                 f"{exc}; the destination failed {how}: its guest is stopped, and the source keeps its paused "
-                f"copy: take it back there with `migrator rollback --source {where} --force`"
+                f"copy: take it back there with `migrator rollback --source {self.cfg.source} --force`"
             )
         return exc
 
-    def _wait_all_present(self, table: PageTable, out: Outcome, on_progress: Callable[[Progress], None] | None) -> None:
-        t0 = time.monotonic()
+    def _wait_all_present(self, out: Outcome, on_progress: Callable[[Progress], None] | None) -> None:
+        """Until every page is present: progress, the workers' events, recovery, the deadline."""
+        ps, crew, cfg = self.ps, self.crew, self.cfg
+        assert ps is not None and crew is not None
+        npages, nslots = ps.npages, crew.nslots
+        t0 = last_show = time.monotonic()
         last_ops: tuple[float, int] | None = None
-        while not table.all_present.wait(0.2):
-            if self.channels is not None and self.channels.lost.is_set():
-                assert self.guest is not None
-                self.channels.recover(self.guest)
+        lost: set[str] = set()
+        lost_since = back_at = 0.0  # an outage: from the first "lost" to the last "back" (+ a grace)
+        while ps.total("installed", nslots) < npages:
+            name, ev = crew.next_event(0.02)
+            kind = ev.get("event")
+            if kind == "lost":
+                if not lost and not back_at:  # a new outage (workers notice one cut at different times)
+                    lost_since = time.monotonic()
+                    self._say_lost(ev)
+                lost.add(name)
+            elif kind == "back":
+                lost.discard(name)
+                if not lost:
+                    back_at = time.monotonic()
+            elif kind in ("fatal", "exited"):
+                raise event_error(name, ev)
+            if back_at and not lost and time.monotonic() - back_at > OUTAGE_GRACE_S:
+                back_at = 0.0
+                out.reconnects += 1
+                self.say(f"reconnected to the source (reconnection {out.reconnects}); "
+                         f"{npages - ps.total('installed', nslots)} pages still missing")  # fmt: skip
+            if lost and time.monotonic() - lost_since > cfg.reconnect_deadline:
+                raise SourceUnreachable(
+                    f"source unreachable for {cfg.reconnect_deadline:g} s, giving up; the guest's memory is split "
+                    f"between the two hosts and this side cannot finish"
+                )
             self._check()
-            if on_progress is not None:
-                ops, now = self._guest_ops(), time.monotonic()
+            now = time.monotonic()
+            if on_progress is not None and now - last_show >= 0.2:
+                last_show = now
+                ops = self._guest_ops()
                 rate = (ops - last_ops[1]) / (now - last_ops[0]) if last_ops else 0.0
                 last_ops = (now, ops)
-                s = out.stats
-                on_progress(Progress(now - t0, table.present, table.npages, s.pages_demand, s.pages_prefetch, s.pages_zero, rate, "migrating"))
+                t = ps.totals(nslots)
+                fault = ps.counters(0)
+                on_progress(Progress(now - t0, t["installed"], npages, fault.get("data_pages"),
+                                     t["data_pages"] - fault.get("data_pages"), t["zero_pages"], rate, "migrating"))  # fmt: skip
+        if back_at:  # the last outage ended just before the last page
+            out.reconnects += 1
+            self.say(f"reconnected to the source (reconnection {out.reconnects})")
         self._check()
         # the guest's op counter at the last page; report.py turns it into ops/s during
         out.ops["during_ops"] = self._guest_ops()
+
+    def _say_lost(self, ev: dict[str, Any]) -> None:
+        """Say once that the source is unreachable, unless it ended the migration
+        (then the worker's next attempt fails with that, and that is all there is to say)."""
+        ctl = self.control
+        assert ctl is not None
+        try:
+            ctl.switchover(timeout=2.0)  # idempotent: "is this migration still on?"
+        except MigrationEnded as exc:
+            raise exc
+        except MigratorError:
+            pass
+        self.say(f"source unreachable ({ev.get('error', '')}); the guest waits for its pages; reconnecting for up to "
+                 f"{self.cfg.reconnect_deadline:g} s")  # fmt: skip
+
+    def _collect(self, out: Outcome, reports: dict[str, dict[str, Any]]) -> None:
+        """The workers' counters (shared memory) and final reports into the summary's stats."""
+        ps, crew = self.ps, self.crew
+        assert ps is not None and crew is not None
+        st = out.stats
+        t = ps.totals(crew.nslots)
+        fault = ps.counters(0)
+        st.pages_demand = fault.get("data_pages")
+        st.pages_prefetch = t["data_pages"] - st.pages_demand
+        st.pages_zero, st.pages_zero_local = t["zero_pages"], t["zero_local"]
+        st.duplicates, st.kernel_eexist, st.kernel_eagain = t["duplicates"], t["kernel_eexist"], t["kernel_eagain"]
+        st.faults, st.faults_spurious, st.demand_requests = t["faults"], t["faults_spurious"], t["demand_requests"]
+        st.bulk_batches, st.wire_bytes, st.raw_bytes = t["batches"], t["wire_bytes"], t["raw_bytes"]
+        st.clock_ref = (time.time_ns(), time.monotonic_ns())
+        for lat, done, tid in reports.get(crew.fault.name, {}).get("faults", []):
+            st.fault_latency_ns.append(lat)
+            st.fault_done_ns.append(done)
+            st.blocked_ns_by_tid[tid] = st.blocked_ns_by_tid.get(tid, 0) + lat
+        for name, rep in reports.items():
+            st.timeline.extend((tm, kind, n, 0) for tm, kind, n in rep.get("timeline", []))
+        lane0 = reports.get(crew.lanes[0].name, {}) if crew.lanes else {}
+        out.compression = str(lane0.get("compression", "none"))
 
     def _guest_ops(self) -> int:
         assert self.guest is not None
@@ -349,10 +400,14 @@ class DestinationSession:
     def close(self) -> None:
         if self.release is not None:
             self.release.stop()
+        if self.crew is not None:
+            self.crew.kill()
         if self.guest is not None and self.guest.alive():
             self.guest.kill()
-        if self.source is not None:
-            self.source.close()
+        if self.control is not None:
+            self.control.close()
+        if self.ps is not None:
+            self.ps.close()
 
 
 def guest_errors(guest_stats: dict[str, Any]) -> list[str]:

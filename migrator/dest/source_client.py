@@ -1,14 +1,17 @@
-"""The destination's view of the source: a page-source interface and its gRPC form.
+"""The destination's view of the source: the session's control calls, and the
+streams its worker processes open.
 
-The transport seam (httpx's MockTransport): the pipeline talks to a
-:class:`PageSource`; :class:`GrpcPageSource` is the real one, and
-``migrator.dest.local_source.LocalPageSource`` serves a RAM image in-process so
-the fault path can be tested without a network.
+The transport seam (httpx's MockTransport): the session talks to a
+:class:`Control`, the fault process and the lanes to a :class:`PageSource`;
+the gRPC forms are real, and ``local_source.py`` serves a RAM image without a
+network.
 
-Two gRPC channels, so two TCP connections: ``urgent`` carries only the Demand
-stream, ``bulk`` everything else, so a page a vCPU waits for never queues
-behind megabytes of bulk data.  Every RpcError is mapped once, in
-:func:`map_rpc_error`.
+Connections, one per flow: the session's control channel (the address the
+user gave), the fault process's urgent channel and each lane's channel, at
+the port offsets the source's manifest gives, so a page a vCPU waits for
+never queues behind bulk data nor shares a process with it.  Every RpcError
+is mapped once, in :func:`map_rpc_error`.  Stream responses are serialized
+PageBatch bytes, decoded without copying by the installer (``fastbatch``).
 """
 
 from __future__ import annotations
@@ -85,30 +88,38 @@ def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
 
 class DemandStream(Protocol):
     def request(self, request_id: int, first: int, count: int) -> None: ...
-    def responses(self) -> Iterator[pb.PageBatch]: ...
+    def responses(self) -> Iterator[bytes]: ...
     def close(self) -> None: ...
 
 
 class BulkStream(Protocol):
     def seek(self, page: int) -> None: ...
     def set_codec(self, codec: int) -> None: ...
-    def responses(self) -> Iterator[pb.PageBatch]: ...
+    def responses(self) -> Iterator[bytes]: ...
     def close(self) -> None: ...
 
 
 class PageSource(Protocol):
-    """The destination's view of a source.  ``handshake`` starts a migration
-    (its epoch is then stamped on every later message); see the proto for the
-    meaning of each step."""
+    """Where a worker process fetches pages from (one per process)."""
+
+    def open_demand(self, epoch: int) -> DemandStream: ...
+    def open_bulk(self, epoch: int, lane: int, lanes: int, codec: int, batch_pages: int, seek: int,
+                  missing_zstd: bytes = b"") -> BulkStream: ...  # fmt: skip
+    def close(self) -> None: ...
+
+
+class Control(Protocol):
+    """The session's calls (see the proto for each step); ``handshake`` starts a
+    migration, whose epoch every later call carries."""
+
+    epoch: int
 
     def describe(self) -> pb.Manifest: ...
     def handshake(self, token: bytes) -> pb.Manifest: ...
     def switchover(self, timeout: float = ...) -> None: ...
-    def open_demand(self) -> DemandStream: ...
-    def open_bulk(self, codec: int, batch_pages: int, seek: int, missing_zstd: bytes = b"") -> BulkStream: ...
-    def ping(self, timeout: float) -> None: ...
     def complete(self, installed: int, ack: bool = False) -> pb.CompleteReply: ...
     def cancel(self, reason: str) -> None: ...
+    def rollback(self, force: bool) -> str: ...
     def close(self) -> None: ...
 
 
@@ -140,13 +151,9 @@ class _GrpcStream:
     def _put(self, msg: object) -> None:
         self._reqs.q.put(msg)
 
-    def responses(self) -> Iterator[pb.PageBatch]:
-        epoch = getattr(self, "epoch", 0)
+    def responses(self) -> Iterator[bytes]:
         try:
-            for batch in self._call:
-                if batch.epoch != epoch:  # a fence on this side too
-                    raise ProtocolError("a batch of another migration", epoch=f"{batch.epoch:x}", ours=f"{epoch:x}")
-                yield batch
+            yield from self._call
         except grpc.RpcError as exc:
             if self._closed.is_set() and exc.code() == grpc.StatusCode.CANCELLED:
                 return
@@ -159,14 +166,19 @@ class _GrpcStream:
 
 
 class GrpcDemandStream(_GrpcStream):
-    epoch = 0
+    def __init__(self, call_fn, epoch: int, metadata: tuple[tuple[str, str], ...]) -> None:  # type: ignore[no-untyped-def]
+        self.epoch = epoch
+        # the opening message (request 0, no pages) binds the stream to the migration at once
+        super().__init__(call_fn, pb.DemandRequest(epoch=epoch), "demand fetch", metadata)
 
     def request(self, request_id: int, first: int, count: int) -> None:
         self._put(pb.DemandRequest(epoch=self.epoch, request_id=request_id, first_page=first, count=count))
 
 
 class GrpcBulkStream(_GrpcStream):
-    epoch = 0
+    def __init__(self, call_fn, first: pb.StreamControl, metadata: tuple[tuple[str, str], ...]) -> None:  # type: ignore[no-untyped-def]
+        self.epoch = first.epoch
+        super().__init__(call_fn, first, "bulk stream", metadata)
 
     def seek(self, page: int) -> None:
         self._put(pb.StreamControl(epoch=self.epoch, seek_page=page))
@@ -175,7 +187,65 @@ class GrpcBulkStream(_GrpcStream):
         self._put(pb.StreamControl(epoch=self.epoch, codec=pb.Codec.Name(codec)))
 
 
+def _channel(address: str, tls: TlsFiles | None, name: str) -> grpc.Channel:
+    opts = CHANNEL_OPTIONS + [("migrator.channel", name)]
+    if tls is not None and tls.enabled:
+        return grpc.secure_channel(address, tls.channel_credentials(), options=opts)
+    return grpc.insecure_channel(address, options=opts)
+
+
+def port_address(address: str, offset: int) -> str:
+    """``address`` with its port moved by ``offset`` (the source's port block)."""
+    host, _, port = address.rpartition(":")
+    return f"{host}:{int(port) + offset}"
+
+
 class GrpcPageSource:
+    """A worker's streams: the urgent one (fault process) or its lane's."""
+
+    def __init__(self, address: str, *, secret: str | None, tls: TlsFiles | None, epoch_headers: int = 0) -> None:
+        self.address = address
+        md = call_metadata(secret)
+        if epoch_headers:
+            md += ((EPOCH_KEY, f"{epoch_headers:016x}"),)
+        self._md = md
+        self._ch = _channel(address, tls, "stream")
+        # responses stay serialized bytes: the installer decodes them without copying
+        self._demand = self._ch.stream_stream("/migrator.wire.Migration/Demand",
+                                              request_serializer=pb.DemandRequest.SerializeToString)  # fmt: skip
+        self._stream = self._ch.stream_stream("/migrator.wire.Migration/Stream",
+                                              request_serializer=pb.StreamControl.SerializeToString)  # fmt: skip
+
+    def ready(self, timeout: float) -> None:
+        """Bring the connection up now (before the downtime); raises SourceUnreachable."""
+        try:
+            grpc.channel_ready_future(self._ch).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise SourceUnreachable("cannot connect to the source's page server", address=self.address) from None
+
+    def open_demand(self, epoch: int) -> GrpcDemandStream:
+        return GrpcDemandStream(self._demand, epoch, self._with_epoch(epoch))
+
+    def open_bulk(self, epoch: int, lane: int, lanes: int, codec: int, batch_pages: int, seek: int,
+                  missing_zstd: bytes = b"") -> GrpcBulkStream:  # fmt: skip
+        first = pb.StreamControl(
+            epoch=epoch, seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages,
+            missing_map_zstd=missing_zstd, lane=lane, lanes=lanes,
+        )  # fmt: skip
+        return GrpcBulkStream(self._stream, first, self._with_epoch(epoch))
+
+    def _with_epoch(self, epoch: int) -> tuple[tuple[str, str], ...]:
+        if any(k == EPOCH_KEY for k, _ in self._md):
+            return self._md
+        return self._md + ((EPOCH_KEY, f"{epoch:016x}"),)
+
+    def close(self) -> None:
+        self._ch.close()
+
+
+class GrpcControl:
+    """The session's control channel."""
+
     def __init__(
         self, address: str, *, secret: str | None = None, tls: TlsFiles | None = None, connect_timeout: float = 5.0
     ) -> None:
@@ -183,16 +253,8 @@ class GrpcPageSource:
         self._secret = secret
         self._md = call_metadata(secret)
         self.epoch = 0  # set by the handshake; every later message carries it
-        creds = tls.channel_credentials() if tls is not None and tls.enabled else None
-
-        def channel(name: str) -> grpc.Channel:
-            opts = CHANNEL_OPTIONS + [("migrator.channel", name)]
-            return grpc.secure_channel(address, creds, options=opts) if creds else grpc.insecure_channel(address, options=opts)
-
-        self._urgent = channel("urgent")
-        self._bulk = channel("bulk")
-        self._urgent_stub = pb_grpc.MigrationStub(self._urgent)
-        self._bulk_stub = pb_grpc.MigrationStub(self._bulk)
+        self._ch = _channel(address, tls, "control")
+        self._stub = pb_grpc.MigrationStub(self._ch)
         self._connect_timeout = connect_timeout
 
     def _first_call(self, req: pb.DescribeRequest) -> pb.Manifest:
@@ -204,7 +266,7 @@ class GrpcPageSource:
         busy_deadline = deadline + BUSY_RETRY_S
         while True:
             try:
-                return self._bulk_stub.Describe(req, timeout=max(0.5, deadline - time.monotonic()), metadata=self._md)
+                return self._stub.Describe(req, timeout=max(0.5, deadline - time.monotonic()), metadata=self._md)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and time.monotonic() < busy_deadline:
                     time.sleep(0.2)
@@ -226,17 +288,11 @@ class GrpcPageSource:
             raise map_rpc_error(exc, what) from None
 
     def describe(self) -> pb.Manifest:
-        m = self._first_call(pb.DescribeRequest(protocol_version=PROTOCOL_VERSION))
-        # bring the urgent connection up too, before the downtime starts
-        try:
-            grpc.channel_ready_future(self._urgent).result(timeout=self._connect_timeout)
-        except grpc.FutureTimeoutError:
-            raise SourceUnreachable("the source's urgent channel did not come up", address=self.address) from None
-        return m
+        return self._first_call(pb.DescribeRequest(protocol_version=PROTOCOL_VERSION))
 
     def handshake(self, token: bytes) -> pb.Manifest:
         req = pb.HandshakeRequest(protocol_version=PROTOCOL_VERSION, session_token=token)
-        m = self._unary(self._bulk_stub.Handshake, req, "handshake")
+        m = self._unary(self._stub.Handshake, req, "handshake")
         self.epoch = m.epoch
         # every later call names the migration in its headers too: the source
         # serves its owner first (see source/guard.py)
@@ -244,44 +300,19 @@ class GrpcPageSource:
         return m
 
     def switchover(self, timeout: float = UNARY_TIMEOUT) -> None:
-        self._unary(self._bulk_stub.Switchover, pb.SwitchoverRequest(epoch=self.epoch), "switch-over", timeout=timeout)
-
-    def open_demand(self) -> GrpcDemandStream:
-        # the opening message (request 0, no pages) binds the stream to the migration at once
-        hello = pb.DemandRequest(epoch=self.epoch)
-        stream = GrpcDemandStream(self._urgent_stub.Demand, hello, "demand fetch", self._md)
-        stream.epoch = self.epoch
-        return stream
-
-    def ping(self, timeout: float) -> None:
-        """One quick call: raises TransportError while the source cannot be reached."""
-        req = pb.DescribeRequest(protocol_version=PROTOCOL_VERSION)
-        try:
-            self._bulk_stub.Describe(req, timeout=timeout, metadata=self._md)
-        except grpc.RpcError as exc:
-            raise map_rpc_error(exc, "reconnect") from None
-
-    def open_bulk(self, codec: int, batch_pages: int, seek: int, missing_zstd: bytes = b"") -> GrpcBulkStream:
-        first = pb.StreamControl(
-            epoch=self.epoch, seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages,
-            missing_map_zstd=missing_zstd,
-        )  # fmt: skip
-        stream = GrpcBulkStream(self._bulk_stub.Stream, first, "bulk stream", self._md)
-        stream.epoch = self.epoch
-        return stream
+        self._unary(self._stub.Switchover, pb.SwitchoverRequest(epoch=self.epoch), "switch-over", timeout=timeout)
 
     def complete(self, installed: int, ack: bool = False) -> pb.CompleteReply:
         req = pb.CompleteRequest(epoch=self.epoch, pages_installed=installed, ack=ack)
-        return self._unary(self._bulk_stub.Complete, req, "completion", timeout=5.0)
+        return self._unary(self._stub.Complete, req, "completion", timeout=5.0)
 
     def cancel(self, reason: str) -> None:
-        self._unary(self._bulk_stub.Cancel, pb.CancelRequest(epoch=self.epoch, reason=reason), "cancel", timeout=5.0)
+        self._unary(self._stub.Cancel, pb.CancelRequest(epoch=self.epoch, reason=reason), "cancel", timeout=5.0)
 
     def rollback(self, force: bool) -> str:
         """Ask the source to take its guest back (`migrator rollback`); returns what it said."""
-        reply = self._unary(self._bulk_stub.Rollback, pb.RollbackRequest(force=force), "roll-back")
+        reply = self._unary(self._stub.Rollback, pb.RollbackRequest(force=force), "roll-back")
         return str(reply.message)
 
     def close(self) -> None:
-        self._urgent.close()
-        self._bulk.close()
+        self._ch.close()

@@ -1,23 +1,29 @@
-"""Turn a range of frozen guest RAM into one PageBatch.
+"""Turn a range of frozen guest RAM into one serialized PageBatch.
 
 Per page: never-touched pages (pagemap) and pages whose content is all zero
-travel as a flag byte, no data; data pages are concatenated in order, each
-with a CRC32 of its bytes; the concatenation is zstd-compressed when the
-destination asked for it.  Pages outside ``include`` are flagged omitted (the
-other channel already sent them).
+travel as a flag byte, no data; data pages are concatenated in order; one
+XXH3-64 covers the batch's uncompressed data (27 GB/s here, where zlib's CRC32
+manages 2.9: a per-page CRC cost a third of a CPU per GB/s on each side); the
+data is zstd-compressed when the destination asked for it.  Pages outside
+``include`` are flagged omitted (the other channel already sent them).
+
+The result is the message's bytes (``wire/fastbatch.py``): the page data is
+read once from the guest into a reusable buffer and copied once into the
+message, never through protobuf.
 """
 
 from __future__ import annotations
 
 import time
-import zlib
+from dataclasses import dataclass
 from typing import Protocol
 
+import xxhash
 import zstandard
 
 from migrator.pagemaps import FLAG_DATA, FLAG_ZERO
+from migrator.wire import fastbatch
 from migrator.wire import migration_pb2 as pb
-
 
 
 class PageReader(Protocol):
@@ -28,10 +34,18 @@ class PageReader(Protocol):
     def read_into(self, first: int, buf: memoryview) -> None: ...
 
 
+@dataclass
+class Built:
+    message: bytes
+    data_pages: int
+    zero_pages: int
+    wire_data: int  # bytes of page data on the wire (after compression)
+
+
 class BatchBuilder:
     """Builds batches with one reusable read buffer; one builder per thread."""
 
-    def __init__(self, reader: PageReader, untouched: bytes, max_pages: int, zstd_level: int = 1) -> None:
+    def __init__(self, reader: PageReader, untouched: bytes | memoryview, max_pages: int, zstd_level: int = 1) -> None:
         self.reader = reader
         self.ps = reader.page_size
         self.untouched = untouched
@@ -40,17 +54,13 @@ class BatchBuilder:
         self._view = memoryview(self._buf)
         self._zero = bytes(self.ps)
         self._cctx = zstandard.ZstdCompressor(level=zstd_level)
-        self.pages_data = 0
-        self.pages_zero = 0
-        self.bytes_raw = 0
-        self.bytes_wire = 0
 
-    def build(self, first: int, count: int, include: bytes | bytearray | None, codec: int, request_id: int = 0) -> pb.PageBatch:
+    def build(self, first: int, count: int, include: bytes | bytearray | None, codec: int, *,
+              request_id: int = 0, epoch: int = 0, zero_map_zstd: bytes = b"") -> Built:  # fmt: skip
         """``include``: one byte per page, nonzero = send it; None = send all."""
         assert 0 < count <= self.max_pages
         ps, view, zero = self.ps, self._view, self._zero
         flags = bytearray(count)
-        crcs: list[int] = []
         chunks: list[memoryview] = []
         untouched = self.untouched
         i = 0
@@ -65,32 +75,33 @@ class BatchBuilder:
             while j < count and (include is None or include[j]) and not untouched[first + j]:
                 j += 1
             self.reader.read_into(first + i, view[i * ps : j * ps])
+            run_start = i
             for k in range(i, j):
-                page = view[k * ps : (k + 1) * ps]
-                if page == zero:
+                if view[k * ps : (k + 1) * ps] == zero:
                     flags[k] = FLAG_ZERO
+                    if k > run_start:
+                        chunks.append(view[run_start * ps : k * ps])
+                    run_start = k + 1
                 else:
                     flags[k] = FLAG_DATA
-                    crcs.append(zlib.crc32(page))
-                    chunks.append(page)
+            if j > run_start:
+                chunks.append(view[run_start * ps : j * ps])  # contiguous data pages: one piece
             i = j
-        raw = b"".join(chunks)
-        data = raw
-        if codec == pb.CODEC_ZSTD and raw:
-            data = self._cctx.compress(raw)
-        ndata = len(crcs)
-        self.pages_data += ndata
-        self.pages_zero += flags.count(FLAG_ZERO)
-        self.bytes_raw += len(raw)
-        self.bytes_wire += len(data)
-        return pb.PageBatch(
-            request_id=request_id,
-            first_page=first,
-            count=count,
-            flags=bytes(flags),
-            codec=pb.Codec.Name(codec if raw else pb.CODEC_NONE),
-            data=data,
-            raw_size=len(raw),
-            crc32=crcs,
-            sent_unix_ns=time.time_ns(),
-        )
+        ndata = flags.count(FLAG_DATA)
+        digest = 0
+        raw_size = ndata * ps
+        if chunks:
+            h = xxhash.xxh3_64()
+            for c in chunks:
+                h.update(c)
+            digest = h.intdigest()
+        use_zstd = codec == pb.CODEC_ZSTD and raw_size > 0
+        if use_zstd:
+            chunks = [memoryview(self._cctx.compress(b"".join(chunks)))]
+        header = pb.PageBatch(
+            epoch=epoch, request_id=request_id, first_page=first, count=count, flags=bytes(flags),
+            codec=pb.CODEC_ZSTD if use_zstd else pb.CODEC_NONE, raw_size=raw_size, xxh3=digest,
+            sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map_zstd,
+        )  # fmt: skip
+        message = fastbatch.encode(header, chunks)
+        return Built(message, ndata, flags.count(FLAG_ZERO), sum(len(c) for c in chunks))

@@ -47,7 +47,7 @@ ENDED_KEY = "migrator-epoch-ended"
 CANCELLED, TIMED_OUT, ROLLED_BACK, FORCED, COMPLETED_, PAUSE_FAILED = (
     "cancelled", "timed-out", "rolled-back", "rolled-back-forced", "completed", "pause-failed",
 )  # fmt: skip
-_ENDED_TEXT = {
+ENDED_TEXT = {
     CANCELLED: "cancelled by the destination before its guest ran",
     TIMED_OUT: "no switch-over in time: the guest was resumed on the source",
     ROLLED_BACK: "rolled back: the guest runs on the source again",
@@ -106,7 +106,7 @@ class Ownership:
     def _stale(self, epoch: int) -> Refused:
         why = self.ended.get(epoch, "")
         if why:
-            return Refused("FAILED_PRECONDITION", f"migration {epoch:016x} ended: {_ENDED_TEXT[why]}", ended=why)
+            return Refused("FAILED_PRECONDITION", f"migration {epoch:016x} ended: {ENDED_TEXT[why]}", ended=why)
         if self.phase in (Phase.PAUSED, Phase.SWITCHED):
             return Refused("FAILED_PRECONDITION", f"not the migration in progress (epoch {epoch:016x})")
         return Refused("FAILED_PRECONDITION", f"no migration in progress (phase {self.phase.value})")

@@ -20,16 +20,24 @@ _UNTOUCHED_TABLE = bytes(0 if b & _TOUCHED_BITS else 1 for b in range(256))
 
 
 class RamReader:
-    def __init__(self, pid: int, addr: int, size: int, page_size: int) -> None:
+    """The guest's RAM and pagemap; with ``mem_fd`` (a worker), RAM only, through that descriptor."""
+
+    def __init__(self, pid: int, addr: int, size: int, page_size: int, mem_fd: int | None = None) -> None:
         self.pid, self.addr, self.size, self.page_size = pid, addr, size, page_size
         self.npages = size // page_size
         # Both are opened once, up front: reading them later needs no new descriptor.
-        self._mem = self._open("mem")
-        try:
-            self._pagemap = self._open("pagemap")
-        except GuestError:
-            os.close(self._mem)
-            raise
+        self._mem = mem_fd if mem_fd is not None else self._open("mem")
+        self._pagemap = -1
+        if mem_fd is None:
+            try:
+                self._pagemap = self._open("pagemap")
+            except GuestError:
+                os.close(self._mem)
+                raise
+
+    @property
+    def mem_fd(self) -> int:
+        return self._mem
 
     def _open(self, name: str) -> int:
         try:
@@ -67,4 +75,5 @@ class RamReader:
 
     def close(self) -> None:
         os.close(self._mem)
-        os.close(self._pagemap)
+        if self._pagemap >= 0:
+            os.close(self._pagemap)

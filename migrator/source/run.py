@@ -16,8 +16,8 @@ from migrator.errors import GuestDied
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.security import load_secret
 from migrator.source.ownership import Phase
-from migrator.source.servicer import serve
-from migrator.source.session import SourceSession
+from migrator.source.servicer import serve_control
+from migrator.source.session import SourceSession, free_port_block
 
 log = logging.getLogger("migrator.source")
 SWITCH_INTERVAL_S = float(os.environ.get("MIGRATOR_SWITCH_INTERVAL", "0.0002"))
@@ -28,7 +28,7 @@ def run_source(cfg: SourceConfig, stop: threading.Event, say=print, rollback: th
     g = cfg.guest
     guest = GuestProcess(
         GuestSpec(ram=g.ram, vcpus=g.vcpus, workload=g.workload, write_ratio=g.write_ratio,
-                  zero_pct=g.zero_pct, text_pct=g.text_pct, seed=g.seed)
+                  zero_pct=g.zero_pct, text_pct=g.text_pct, seed=g.seed, rate=g.rate)
     )  # fmt: skip
     say(f"source: guest pid {guest.hello.pid} running ({g.ram >> 20} MiB, {g.vcpus} vCPUs, {g.workload})")
     return serve_guest(guest, cfg, stop, say, rollback)
@@ -54,13 +54,13 @@ def serve_guest(  # type: ignore[no-untyped-def]
     # switch interval while a demand request waits: switch often.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
-        session = SourceSession(guest, switchover_timeout=cfg.switchover_timeout)
+        session = SourceSession(guest, switchover_timeout=cfg.switchover_timeout, lanes=cfg.lanes)
     except BaseException:
         guest.kill()
         raise
     try:
         secret, generated = load_secret(cfg.secret_file, create=True)
-        server, port = serve(session, cfg.listen, secret=secret, tls=cfg.tls)
+        server, port = _listen(session, cfg, secret)
     except BaseException:
         session.close()
         guest.kill()
@@ -94,10 +94,32 @@ def serve_guest(  # type: ignore[no-untyped-def]
             say(f"source: stopped in phase {session.phase}: the guest's memory on this side is dropped")
     finally:
         server.stop(grace=1).wait(2)
+        stats = asdict(session.stats)
         session.close()
         guest.quit()
     epoch = f"{session.epoch:016x}" if session.epoch else ""
-    return {"phase": session.phase, "migration_id": epoch, **asdict(session.stats), **info}
+    return {"phase": session.phase, "migration_id": epoch, **stats, **info}
+
+
+def _listen(session: SourceSession, cfg: SourceConfig, secret: str | None) -> tuple[Any, int]:
+    """The control server on the --listen port P, the urgent and lane workers on
+    P+1, P+2, ... (with port 0: a free block)."""
+    host, _, port_s = cfg.listen.rpartition(":")
+    bind_host = host.strip("[]") or "0.0.0.0"
+    nports = 2 + session.lanes
+    tries = 1 if int(port_s) else 10
+    for attempt in range(tries):
+        base = int(port_s) or free_port_block("127.0.0.1" if bind_host in ("0.0.0.0", "::") else bind_host, nports)
+        try:
+            session.start_workers(host, base, secret, cfg.tls)
+            return serve_control(session, f"{host}:{base}", secret=secret, tls=cfg.tls)
+        except OSError as exc:
+            for w in session.workers:
+                w.close(timeout=2)
+            session.workers = []
+            if attempt == tries - 1:
+                raise OSError(f"cannot listen on {host}:{base}..{base + nports - 1} ({exc})") from None
+    raise AssertionError("unreachable")
 
 
 class _Loop:

@@ -11,27 +11,28 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from concurrent import futures
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from migrator.errors import MigratorError
 from migrator.security import SecretInterceptor, TlsFiles
-from migrator.source.guard import WAITING_MAX, CallGuard, server_options
+from migrator.source.guard import WAITING_MAX, CallGuard, RefusalLog, server_options
 from migrator.source.ownership import ENDED_KEY, Refused
-from migrator.source.session import MAX_BATCH_PAGES, MAX_STREAMS, SourceSession
-from migrator.wire import migration_pb2_grpc as pb_grpc
+from migrator.source.serving import MAX_BATCH_PAGES
+from migrator.wire import migration_pb2 as pb
+
+if TYPE_CHECKING:
+    from migrator.source.session import SourceSession
 
 log = logging.getLogger("migrator.source")
 T = TypeVar("T")
 
-# One worker per call that may wait: the calls waiting for a first message
-# (guard.WAITING_MAX), the streams of a migration (session.MAX_STREAMS), and
-# unary calls, which take microseconds once their request is in.
-WORKERS = WAITING_MAX + sum(MAX_STREAMS.values()) + 8
 
 
-class MigrationServicer(pb_grpc.MigrationServicer):
+class MigrationServicer:
+    """The control methods (the session's); Demand and Stream are served by the workers."""
+
     def __init__(self, session: SourceSession) -> None:
         self.s = session
 
@@ -44,12 +45,6 @@ class MigrationServicer(pb_grpc.MigrationServicer):
     def Switchover(self, request, context):  # type: ignore[no-untyped-def]
         return _unary(context, lambda: self.s.switchover(request))
 
-    def Demand(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        yield from _streaming(context, lambda: self.s.demand(request_iterator, context.cancel))
-
-    def Stream(self, request_iterator, context):  # type: ignore[no-untyped-def]
-        yield from _streaming(context, lambda: self.s.stream(request_iterator, context.cancel))
-
     def Complete(self, request, context):  # type: ignore[no-untyped-def]
         return _unary(context, lambda: self.s.complete(request))
 
@@ -57,8 +52,6 @@ class MigrationServicer(pb_grpc.MigrationServicer):
         return _unary(context, lambda: self.s.cancel(request))
 
     def Rollback(self, request, context):  # type: ignore[no-untyped-def]
-        from migrator.wire import migration_pb2 as pb
-
         return _unary(context, lambda: pb.RollbackReply(message=self.s.rollback(request.force)))
 
 
@@ -80,7 +73,8 @@ def _unary(context: grpc.ServicerContext, fn: Callable[[], T]) -> T:
         raise AssertionError("unreachable") from None
 
 
-def _streaming(context: grpc.ServicerContext, fn: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+def streaming(context: grpc.ServicerContext, fn: Callable[[], Iterator[Any]]) -> Iterator[Any]:
+    """A streaming method's body: refusals become their status, a cancelled call just ends."""
     try:
         yield from fn()
     except (Refused, MigratorError) as exc:
@@ -89,29 +83,57 @@ def _streaming(context: grpc.ServicerContext, fn: Callable[[], Iterator[Any]]) -
         return  # the call was cancelled (its epoch ended) or the peer went away
 
 
-def serve(
-    session: SourceSession, listen: str, *, secret: str | None, tls: TlsFiles | None = None
-) -> tuple[grpc.Server, int]:
-    """Start the page server: every call passes the secret (when there is one),
-    then the call guard; the transport is bounded for this guest (``guard.py``)."""
-    guard = CallGuard(lambda: session.epoch)
+def make_server(
+    handlers: list[grpc.GenericRpcHandler], listen: str, *, npages: int, page_size: int, secret: str | None,
+    tls: TlsFiles | None, current_epoch: Callable[[], int], streams: int, name: str,
+    on_refused: Callable[[str], None] | None = None,
+) -> tuple[grpc.Server, int]:  # fmt: skip
+    """A gRPC server with the guard's layers (``guard.py``): the secret on the headers,
+    then the call guard, and the transport bounded for this guest.
+
+    One worker per call that may wait: the calls waiting for a first message,
+    ``streams`` long-lived streams, and a few unary calls (microseconds each
+    once their request is in).  Raises OSError if it cannot listen.
+    """
+    guard = CallGuard(current_epoch)
     interceptors: list[grpc.ServerInterceptor] = [guard]
     if secret:
-        interceptors.insert(0, SecretInterceptor(secret, on_refused=session.note_refused))
-    workers = WORKERS
+        interceptors.insert(0, SecretInterceptor(secret, on_refused=on_refused or RefusalLog().note))
+    workers = WAITING_MAX + streams + 8
+    options = server_options(npages, page_size, MAX_BATCH_PAGES) + [("grpc.so_reuseport", 0)]
     server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="page-server"),
-        options=server_options(session.npages, session.page_size, MAX_BATCH_PAGES),
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name),
+        options=options,
         interceptors=interceptors,
         maximum_concurrent_rpcs=workers,  # beyond: RESOURCE_EXHAUSTED at once, never a queue
     )
-    pb_grpc.add_MigrationServicer_to_server(MigrationServicer(session), server)
+    server.add_generic_rpc_handlers(handlers)
     if tls is not None and tls.enabled:
         port = server.add_secure_port(listen, tls.server_credentials())
     else:
         port = server.add_insecure_port(listen)
     if port == 0:
+        server.stop(0)
         raise OSError(f"cannot listen on {listen}")
     server.start()
-    session.guard = guard
     return server, port
+
+
+def serve_control(session: SourceSession, listen: str, *, secret: str | None, tls: TlsFiles | None = None) -> tuple[grpc.Server, int]:
+    """The session's control server (Describe, Handshake, Switchover, Complete, Cancel, Rollback)."""
+    return make_server([_control_handlers(session)], listen, npages=session.npages, page_size=session.page_size, secret=secret, tls=tls,
+                       current_epoch=lambda: session.epoch, streams=0, name="control",
+                       on_refused=session.note_refused)  # fmt: skip
+
+
+def _control_handlers(session: SourceSession) -> grpc.GenericRpcHandler:
+    s = MigrationServicer(session)
+    u = grpc.unary_unary_rpc_method_handler
+    return grpc.method_handlers_generic_handler("migrator.wire.Migration", {
+        "Describe": u(s.Describe, pb.DescribeRequest.FromString, pb.Manifest.SerializeToString),
+        "Handshake": u(s.Handshake, pb.HandshakeRequest.FromString, pb.Manifest.SerializeToString),
+        "Switchover": u(s.Switchover, pb.SwitchoverRequest.FromString, pb.SwitchoverReply.SerializeToString),
+        "Complete": u(s.Complete, pb.CompleteRequest.FromString, pb.CompleteReply.SerializeToString),
+        "Cancel": u(s.Cancel, pb.CancelRequest.FromString, pb.CancelReply.SerializeToString),
+        "Rollback": u(s.Rollback, pb.RollbackRequest.FromString, pb.RollbackReply.SerializeToString),
+    })  # fmt: skip

@@ -29,7 +29,7 @@ class HandshakeRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., session_token: _Optional[bytes] = ...) -> None: ...
 
 class Manifest(_message.Message):
-    __slots__ = ("protocol_version", "epoch", "ram_size", "page_size", "vcpu_state", "paused_unix_ns", "vcpus", "ops_per_s_before", "guest_pid", "switchover_timeout_ms")
+    __slots__ = ("protocol_version", "epoch", "ram_size", "page_size", "vcpu_state", "paused_unix_ns", "vcpus", "ops_per_s_before", "guest_pid", "switchover_timeout_ms", "urgent_port_offset", "lane_port_offsets")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     RAM_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -40,6 +40,8 @@ class Manifest(_message.Message):
     OPS_PER_S_BEFORE_FIELD_NUMBER: _ClassVar[int]
     GUEST_PID_FIELD_NUMBER: _ClassVar[int]
     SWITCHOVER_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    URGENT_PORT_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    LANE_PORT_OFFSETS_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     epoch: int
     ram_size: int
@@ -50,7 +52,9 @@ class Manifest(_message.Message):
     ops_per_s_before: float
     guest_pid: int
     switchover_timeout_ms: int
-    def __init__(self, protocol_version: _Optional[int] = ..., epoch: _Optional[int] = ..., ram_size: _Optional[int] = ..., page_size: _Optional[int] = ..., vcpu_state: _Optional[bytes] = ..., paused_unix_ns: _Optional[int] = ..., vcpus: _Optional[int] = ..., ops_per_s_before: _Optional[float] = ..., guest_pid: _Optional[int] = ..., switchover_timeout_ms: _Optional[int] = ...) -> None: ...
+    urgent_port_offset: int
+    lane_port_offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, protocol_version: _Optional[int] = ..., epoch: _Optional[int] = ..., ram_size: _Optional[int] = ..., page_size: _Optional[int] = ..., vcpu_state: _Optional[bytes] = ..., paused_unix_ns: _Optional[int] = ..., vcpus: _Optional[int] = ..., ops_per_s_before: _Optional[float] = ..., guest_pid: _Optional[int] = ..., switchover_timeout_ms: _Optional[int] = ..., urgent_port_offset: _Optional[int] = ..., lane_port_offsets: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class SwitchoverRequest(_message.Message):
     __slots__ = ("epoch",)
@@ -75,21 +79,25 @@ class DemandRequest(_message.Message):
     def __init__(self, epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
 
 class StreamControl(_message.Message):
-    __slots__ = ("epoch", "seek_page", "codec", "batch_pages", "missing_map_zstd")
+    __slots__ = ("epoch", "seek_page", "codec", "batch_pages", "missing_map_zstd", "lane", "lanes")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     SEEK_PAGE_FIELD_NUMBER: _ClassVar[int]
     CODEC_FIELD_NUMBER: _ClassVar[int]
     BATCH_PAGES_FIELD_NUMBER: _ClassVar[int]
     MISSING_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
+    LANE_FIELD_NUMBER: _ClassVar[int]
+    LANES_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     seek_page: int
     codec: Codec
     batch_pages: int
     missing_map_zstd: bytes
-    def __init__(self, epoch: _Optional[int] = ..., seek_page: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., batch_pages: _Optional[int] = ..., missing_map_zstd: _Optional[bytes] = ...) -> None: ...
+    lane: int
+    lanes: int
+    def __init__(self, epoch: _Optional[int] = ..., seek_page: _Optional[int] = ..., codec: _Optional[_Union[Codec, str]] = ..., batch_pages: _Optional[int] = ..., missing_map_zstd: _Optional[bytes] = ..., lane: _Optional[int] = ..., lanes: _Optional[int] = ...) -> None: ...
 
 class PageBatch(_message.Message):
-    __slots__ = ("epoch", "request_id", "first_page", "count", "flags", "codec", "data", "raw_size", "crc32", "last", "sent_unix_ns", "zero_map_zstd")
+    __slots__ = ("epoch", "request_id", "first_page", "count", "flags", "codec", "data", "raw_size", "xxh3", "last", "sent_unix_ns", "zero_map_zstd")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_PAGE_FIELD_NUMBER: _ClassVar[int]
@@ -98,7 +106,7 @@ class PageBatch(_message.Message):
     CODEC_FIELD_NUMBER: _ClassVar[int]
     DATA_FIELD_NUMBER: _ClassVar[int]
     RAW_SIZE_FIELD_NUMBER: _ClassVar[int]
-    CRC32_FIELD_NUMBER: _ClassVar[int]
+    XXH3_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     SENT_UNIX_NS_FIELD_NUMBER: _ClassVar[int]
     ZERO_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
@@ -110,11 +118,11 @@ class PageBatch(_message.Message):
     codec: Codec
     data: bytes
     raw_size: int
-    crc32: _containers.RepeatedScalarFieldContainer[int]
+    xxh3: int
     last: bool
     sent_unix_ns: int
     zero_map_zstd: bytes
-    def __init__(self, epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ..., flags: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., raw_size: _Optional[int] = ..., crc32: _Optional[_Iterable[int]] = ..., last: _Optional[bool] = ..., sent_unix_ns: _Optional[int] = ..., zero_map_zstd: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ..., flags: _Optional[bytes] = ..., codec: _Optional[_Union[Codec, str]] = ..., data: _Optional[bytes] = ..., raw_size: _Optional[int] = ..., xxh3: _Optional[int] = ..., last: _Optional[bool] = ..., sent_unix_ns: _Optional[int] = ..., zero_map_zstd: _Optional[bytes] = ...) -> None: ...
 
 class CompleteRequest(_message.Message):
     __slots__ = ("epoch", "pages_installed", "ack")

@@ -8,7 +8,9 @@
     python tests/helpers/delay_proxy.py --to 127.0.0.1:7000 --delay-ms 10   # standalone
 
 Every accepted connection gets its own upstream connection; many may be open
-at once (the migration's urgent and bulk gRPC channels are two).  Each direction
+at once.  A source listens on a block of ports (control P, urgent P+1, lanes
+P+2...): the proxy listens on a block of ``ports`` ports and forwards Q+k to
+P+k, so a destination given the proxy's address goes through it for all.  Each direction
 is a delay line: a reader stamps every chunk with ``arrival + delay`` and queues
 it, a writer sends it when that moment has come.  Chunks keep their order and
 the line is pipelined, so it adds latency, not a bandwidth limit (a round trip
@@ -41,8 +43,10 @@ class DelayProxy:
         delay_s: float,
         listen: tuple[str, int] = ("127.0.0.1", 0),
         lifetime_s: float = 300.0,
+        ports: int = 8,
     ) -> None:
         self.target, self.delay_s, self.listen, self.lifetime_s = target, delay_s, listen, lifetime_s
+        self.ports = ports
         self.connections = 0
         self.bytes_up = 0  # client -> target
         self.bytes_down = 0  # target -> client
@@ -96,37 +100,45 @@ class DelayProxy:
         self._stopped = asyncio.Event()
         tasks: set[asyncio.Task[None]] = set()
 
-        async def on_client(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            tasks.add(task)
-            try:
-                await self._serve(reader, writer)
-            finally:
-                tasks.discard(task)
+        def on_client(k: int):  # type: ignore[no-untyped-def]
+            async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+                task = asyncio.current_task()
+                assert task is not None
+                tasks.add(task)
+                try:
+                    await self._serve(reader, writer, k)
+                finally:
+                    tasks.discard(task)
+
+            return serve
+
+        from helpers.h2_proxy import _listen_block
 
         try:
-            server = await asyncio.start_server(on_client, self.listen[0], self.listen[1])
+            socks = _listen_block(self.ports)
+            servers = [await asyncio.start_server(on_client(k), sock=s) for k, s in enumerate(socks)]
         except OSError as exc:
             self.errors.append(f"listen {self.listen}: {exc}")
             return
-        self._port = server.sockets[0].getsockname()[1]
+        self._port = servers[0].sockets[0].getsockname()[1]
         self._ready.set()
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopped.wait(), self.lifetime_s)
         finally:
-            server.close()
+            for server in servers:
+                server.close()
             for t in list(tasks):
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
-            await server.wait_closed()
+            for server in servers:
+                await server.wait_closed()
 
-    async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+    async def _serve(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter, k: int = 0) -> None:
         self.connections += 1
         u_writer: asyncio.StreamWriter | None = None
         try:
-            u_reader, u_writer = await asyncio.open_connection(*self.target)
+            u_reader, u_writer = await asyncio.open_connection(self.target[0], self.target[1] + k)
             up = asyncio.ensure_future(self._line(c_reader, u_writer, "up"))
             down = asyncio.ensure_future(self._line(u_reader, c_writer, "down"))
             try:

@@ -13,10 +13,10 @@ zero map without a declared size that expands past one byte per page).
 from __future__ import annotations
 
 import json
-import zlib
 from concurrent import futures
 
 import grpc
+import xxhash
 import zstandard
 
 from migrator import PROTOCOL_VERSION
@@ -35,7 +35,8 @@ class EvilSource(pb_grpc.MigrationServicer):
         self.npages = ram // PS
 
     def Describe(self, request, context):  # type: ignore[no-untyped-def]
-        return pb.Manifest(protocol_version=PROTOCOL_VERSION, ram_size=self.ram, page_size=PS, vcpus=2)
+        return pb.Manifest(protocol_version=PROTOCOL_VERSION, ram_size=self.ram, page_size=PS, vcpus=2,
+                           urgent_port_offset=1, lane_port_offsets=[2])  # fmt: skip
 
     def Handshake(self, request, context):  # type: ignore[no-untyped-def]
         page_size = PS * 2 if self.mode == "page-size" else PS
@@ -43,7 +44,7 @@ class EvilSource(pb_grpc.MigrationServicer):
                  "vcpus": [{"rng": 12345, "cursor": 0, "ops": 0, "reads": 0, "writes": 0}] * 2}  # fmt: skip
         return pb.Manifest(
             protocol_version=PROTOCOL_VERSION, epoch=EPOCH, ram_size=self.ram, page_size=page_size,
-            vcpu_state=json.dumps(state).encode(), vcpus=2,
+            vcpu_state=json.dumps(state).encode(), vcpus=2, urgent_port_offset=1, lane_port_offsets=[2],
         )  # fmt: skip
 
     def Switchover(self, request, context):  # type: ignore[no-untyped-def]
@@ -51,10 +52,10 @@ class EvilSource(pb_grpc.MigrationServicer):
 
     def _batch(self, first: int, count: int, rid: int = 0) -> pb.PageBatch:
         data = PAGE * count
-        crcs = [zlib.crc32(PAGE)] * count
+        digest = xxhash.xxh3_64_intdigest(data)
         codec = pb.CODEC_NONE
         if self.mode == "bad-crc":
-            crcs[-1] ^= 1
+            digest ^= 1
         elif self.mode == "truncated":
             data = data[:-100]
         elif self.mode == "oversized":
@@ -62,7 +63,7 @@ class EvilSource(pb_grpc.MigrationServicer):
         elif self.mode == "bad-zstd" and rid == 0:
             codec, data = pb.CODEC_ZSTD, zstandard.ZstdCompressor().compress(data)[:-7]
         return pb.PageBatch(epoch=EPOCH, request_id=rid, first_page=first, count=count, flags=b"\x01" * count, codec=codec,
-                            data=data, raw_size=count * PS, crc32=crcs)  # fmt: skip
+                            data=data, raw_size=count * PS, xxh3=digest)  # fmt: skip
 
     def Demand(self, request_iterator, context):  # type: ignore[no-untyped-def]
         for req in request_iterator:
@@ -100,9 +101,14 @@ def zstd_frame_declaring(size: int) -> bytes:
 
 
 def start(mode: str, ram: int, secret: str) -> tuple[grpc.Server, str]:
+    """One server on three consecutive ports, as a source's control, urgent and lane servers."""
+    from migrator.source.session import free_port_block
+
     server = grpc.server(futures.ThreadPoolExecutor(8), interceptors=[SecretInterceptor(secret)],
-                         options=[("grpc.max_receive_message_length", 64 << 20)])  # fmt: skip
+                         options=[("grpc.max_receive_message_length", 64 << 20), ("grpc.so_reuseport", 0)])  # fmt: skip
     pb_grpc.add_MigrationServicer_to_server(EvilSource(mode, ram), server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    base = free_port_block("127.0.0.1", 3)
+    for k in range(3):
+        server.add_insecure_port(f"127.0.0.1:{base + k}")
     server.start()
-    return server, f"127.0.0.1:{port}"
+    return server, f"127.0.0.1:{base}"

@@ -10,7 +10,12 @@
 
 A cut resets every open connection (RST, both sides), as a real link reset
 would; the client may then reconnect through the proxy.  ``cut()`` does it at
-once (a network blip at any moment).  Frames are parsed
+once (a network blip at any moment).
+
+A source listens on a block of ports (control P, urgent P+1, lanes P+2...):
+the proxy listens on a block of the same size and forwards port Q+k to P+k,
+so the destination, which finds the other ports by their offsets from the
+one it was given, goes through the proxy for all of them.  Frames are parsed
 with hyperframe's layout (9-byte header) and the request headers decoded with
 hpack (python-hyper), so the proxy knows each stream's ``:path``.  Plain TCP
 only (a TLS link cannot be read).
@@ -56,9 +61,10 @@ class _Conn:
     def _pump(self, src: socket.socket, dst: socket.socket, from_client: bool) -> None:
         buf = b""
         preface = from_client
+        rate, t0, sent = self.proxy.rate, time.monotonic(), 0
         try:
             while True:
-                data = src.recv(256 * 1024)
+                data = src.recv(64 * 1024 if rate else 256 * 1024)
                 if not data:
                     break
                 buf += data
@@ -75,6 +81,11 @@ class _Conn:
                     if self.proxy._inspect(self, frame, from_client):
                         return  # cut: the frame is never forwarded
                     dst.sendall(frame)
+                    if rate:
+                        sent += len(frame)
+                        ahead = sent / rate - (time.monotonic() - t0)
+                        if ahead > 0:
+                            time.sleep(ahead)
         except OSError:
             pass
         with contextlib.suppress(OSError):
@@ -109,14 +120,37 @@ class _Conn:
                 s.close()
 
 
+def _listen_block(n: int) -> list[socket.socket]:
+    """Listening sockets on n consecutive free loopback ports."""
+    for _ in range(50):
+        first = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        first.bind(("127.0.0.1", 0))
+        base = first.getsockname()[1]
+        socks = [first]
+        try:
+            for k in range(1, n):
+                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                socks.append(s)
+                s.bind(("127.0.0.1", base + k))
+        except OSError:
+            for s in socks:
+                s.close()
+            continue
+        for s in socks:
+            s.listen(16)
+            s.settimeout(0.2)
+        return socks
+    raise OSError(f"no block of {n} free ports")
+
+
 class H2Proxy:
-    def __init__(self, target: tuple[str, int], lifetime_s: float = 300.0) -> None:
+    """``rate``: bytes/s each connection may carry each way (None: as fast as it goes)."""
+
+    def __init__(self, target: tuple[str, int], lifetime_s: float = 300.0, ports: int = 8, rate: float | None = None) -> None:
         self.target = target
-        self._lsock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._lsock.bind(("127.0.0.1", 0))
-        self._lsock.listen(16)
-        self._lsock.settimeout(0.2)
+        self.rate = rate
+        self._lsocks = _listen_block(ports)
+        self._lsock = self._lsocks[0]
         self._conns: list[_Conn] = []
         self._rules: list[Rule] = []
         self._lock = threading.Lock()
@@ -125,7 +159,8 @@ class H2Proxy:
         self.cuts = 0
         self.accepted = 0  # connections accepted so far
         self.paths: list[str] = []  # every request path seen, in order
-        self._thread = threading.Thread(target=self._accept, name="h2-proxy", daemon=True)
+        self._threads = [threading.Thread(target=self._accept, args=(k,), name=f"h2-proxy{k}", daemon=True)
+                         for k in range(len(self._lsocks))]  # fmt: skip
 
     @property
     def address(self) -> str:
@@ -133,7 +168,8 @@ class H2Proxy:
         return f"{host}:{port}"
 
     def __enter__(self) -> H2Proxy:
-        self._thread.start()
+        for t in self._threads:
+            t.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -190,18 +226,24 @@ class H2Proxy:
         with self._lock:
             self._cut_locked(None)
 
-    def _accept(self) -> None:
+    def _accept(self, k: int) -> None:
+        lsock = self._lsocks[k]
+        target = (self.target[0], self.target[1] + k)
         while not self._stop.is_set() and time.monotonic() < self._deadline:
             try:
-                client, _ = self._lsock.accept()
+                client, _ = lsock.accept()
             except (socket.timeout, OSError):
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(target, timeout=5)
                 upstream.settimeout(None)
             except OSError:
                 client.close()
                 continue
+            if self.rate:  # small buffers: a rate limit, not a queue (a queue would delay gRPC's pings too)
+                for sock in (client, upstream):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 128 * 1024)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 128 * 1024)
             conn = _Conn(self, client, upstream)
             with self._lock:
                 self._conns.append(conn)
@@ -212,5 +254,7 @@ class H2Proxy:
     def close(self) -> None:
         self._stop.set()
         self.cut()
-        self._thread.join(5)
-        self._lsock.close()
+        for t in self._threads:
+            t.join(5)
+        for s in self._lsocks:
+            s.close()

@@ -1,0 +1,70 @@
+"""What the source's session shares with its urgent and lane workers.
+
+Header words, each with one writer:
+
+=========  ==========  ==================================================
+word       writer      meaning
+=========  ==========  ==================================================
+0 EPOCH    session     the migration served now; 0 = none.  Written after
+                       the maps are reset and before the handshake's reply;
+                       cleared when the epoch ends, before any worker is
+                       told (and long before the guest resumes).
+1 READY    session     == EPOCH once ``untouched`` is valid for it
+16 + 8k    worker k    its counters (``COUNTERS``, 8 words; the last is a
+                       gauge of its open streams)
+=========  ==========  ==================================================
+
+Maps, one byte per page:
+
+* ``untouched`` (session): 1 = never touched on the source, so zero: sent as
+  a flag, never read;
+* ``need`` (workers): 0 = the bulk still has to send it.  The urgent worker
+  sets it for every page it sends, a lane for every page it sends: two
+  writers of the same value, and a stale 0 read by a lane only costs a
+  duplicate (counted, dropped by the destination);
+* ``sent`` (workers): 1 = sent at least once (to count duplicates).
+"""
+
+from __future__ import annotations
+
+from migrator.shm import Shared
+
+EPOCH, READY = 0, 1
+FIRST_SLOT, SLOT_WORDS, MAX_WORKERS = 16, 8, 32
+COUNTERS = ("demand_requests", "demand_pages", "bulk_pages", "resent_pages", "bytes_sent", "rejected", "open_streams")
+OPEN = COUNTERS.index("open_streams")  # a gauge: the worker's streams open now
+HEADER_WORDS = FIRST_SLOT + SLOT_WORDS * MAX_WORKERS
+
+
+def layout(npages: int) -> list[tuple[str, int]]:
+    return [("untouched", npages), ("need", npages), ("sent", npages)]
+
+
+def create(npages: int) -> Shared:
+    return Shared.create("migrator-source", HEADER_WORDS, layout(npages))
+
+
+def attach(fd: int, npages: int) -> Shared:
+    return Shared(fd, HEADER_WORDS, layout(npages))
+
+
+class Counters:
+    """One worker's counters in the header (it alone writes them)."""
+
+    def __init__(self, shared: Shared, slot: int) -> None:
+        base = FIRST_SLOT + SLOT_WORDS * slot
+        self._w = shared.words
+        self._i = {name: base + k for k, name in enumerate(COUNTERS)}
+
+    def add(self, name: str, n: int) -> None:
+        i = self._i[name]
+        self._w[i] += n
+
+
+def totals(shared: Shared, nworkers: int) -> dict[str, int]:
+    out = dict.fromkeys(COUNTERS, 0)
+    for slot in range(nworkers):
+        base = FIRST_SLOT + SLOT_WORDS * slot
+        for k, name in enumerate(COUNTERS):
+            out[name] += shared.words[base + k]
+    return out
