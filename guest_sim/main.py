@@ -36,7 +36,7 @@ EXIT_MONITOR_GONE = 70
 class Guest:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.ram = GuestRam(args.ram, args.page_size)
+        self.ram = GuestRam(args.ram, args.page_size, shared=not args.incoming)
         self.cfg = VcpuConfig(
             workload=args.workload,
             write_permille=int(round(args.write_ratio * 1000)),
@@ -198,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         hello["filled"] = guest.ram.fill(args.zero_pct, args.text_pct, args.seed)
         guest.start_vcpus()
         hello["tids"] = [v.tid for v in guest.vcpus]
-        sock.sendall(json.dumps(hello).encode() + b"\n")
+        hello["ram_fd"] = True  # the monitor may map it (read-only) instead of reading /proc/PID/mem
+        socket.send_fds(sock, [json.dumps(hello).encode() + b"\n"], [guest.ram.memfd])
     rc = _serve(guest, sock)
     guest.ctl.stop()
     return rc

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import os
 import random
 from array import array
 
@@ -19,14 +20,25 @@ memmove = ctypes.memmove
 
 
 class GuestRam:
-    def __init__(self, size: int, page_size: int = mmap.PAGESIZE) -> None:
+    """``shared``: RAM is a memfd mapped MAP_SHARED (a source's guest, like QEMU's
+    memory-backend-memfd), so that its monitor's workers can map it and read it
+    without a copy; else anonymous private memory (an incoming guest: userfaultfd's
+    MISSING mode fills that)."""
+
+    def __init__(self, size: int, page_size: int = mmap.PAGESIZE, shared: bool = False) -> None:
         if size % page_size or size < 16 * page_size:
             raise ValueError(f"RAM size {size} must be a multiple of {page_size} and at least 16 pages")
         self.size = size
         self.page_size = page_size
         self.npages = size // page_size
         self.first_data = pages.table_pages(self.npages, page_size)
-        self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self.memfd = -1
+        if shared:
+            self.memfd = os.memfd_create("guest-ram", os.MFD_CLOEXEC)
+            os.ftruncate(self.memfd, size)
+            self.map = mmap.mmap(self.memfd, size, flags=mmap.MAP_SHARED)
+        else:
+            self.map = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         # Keep every page a 4 KiB page so that "never touched" in pagemap is
         # exact for the source and faults arrive per page on the destination.
         self.map.madvise(mmap.MADV_NOHUGEPAGE)

@@ -89,7 +89,8 @@ class Vcpu(threading.Thread):
             if cfg.rate:
                 ahead = pace_ops / cfg.rate - (perf() - pace_t0) / 1e9
                 if ahead > 0:
-                    time.sleep(ahead)
+                    time.sleep(min(ahead, 0.002))  # short naps: a pause request is seen at once
+                    continue
                 pace_ops += 1
             st.rng = workload.xorshift64(st.rng)
             slot, st.cursor = workload.next_slot(cfg.workload, st.rng, st.cursor, owned)

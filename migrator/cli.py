@@ -10,9 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
-import threading
 from typing import Any
 
 import click
@@ -57,6 +55,30 @@ def _listen_ok(listen: str) -> None:
         raise click.BadParameter(f"not HOST:PORT: {listen!r}", param_hint="--listen")
 
 
+def _hop_ok(listen: str, tls: TlsFiles, lanes: int) -> None:
+    """Before the migration: could the next hop listen there, with these TLS files?"""
+    import socket
+
+    if tls.enabled and not (tls.cert and tls.key):
+        raise click.BadParameter("serving the next hop with TLS needs --tls-cert and --tls-key", param_hint="--listen")
+    host, _, port_s = listen.rpartition(":")
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host or None, None, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot resolve {host!r}: {exc.strerror or exc}", param_hint="--listen") from None
+    port = int(port_s)
+    if not port:
+        return  # a free block is picked when the hop starts
+    family, *_rest, addr = infos[0]
+    for p in range(port, port + 2 + lanes):  # control, urgent, lanes
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((addr[0], p))
+            except OSError as exc:
+                raise click.BadParameter(f"port {p} on {host} is not free ({exc.strerror})", param_hint="--listen") from None
+
+
 def _have_matplotlib() -> bool:
     try:
         import matplotlib  # noqa: F401
@@ -87,24 +109,11 @@ def _fail(exc: MigratorError) -> None:
     sys.exit(exc.exit_code)
 
 
-class StopRequest(threading.Event):
-    """Set by SIGINT/SIGTERM; ``interactive`` tells a Ctrl-C from an operator's SIGTERM."""
+def _signals() -> Any:
+    """SIGINT/SIGTERM (stop) and SIGUSR1 (roll-back), handled storm-safe (``signals.py``)."""
+    from migrator.signals import Signals
 
-    interactive = False
-
-
-def _stop_on_signals() -> StopRequest:
-    stop = StopRequest()
-
-    def handler(signum: int, _frame: object) -> None:
-        if stop.is_set() and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        stop.interactive = signum == signal.SIGINT
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-    return stop
+    return Signals()
 
 
 @click.group(context_settings={"auto_envvar_prefix": "MIGRATOR", "help_option_names": ["-h", "--help"]})
@@ -185,13 +194,15 @@ def source(listen: str, ready_file: str | None, keep_guest: bool, switchover_tim
     _writable(ready_file, "--ready-file")
     cfg = SourceConfig(listen=listen, guest=_guest(kw), ready_file=ready_file, keep_guest=keep_guest, json=as_json,
                        secret_file=secret_file, tls=tls, switchover_timeout=switchover_timeout, lanes=lanes)  # fmt: skip
-    stop = _stop_on_signals()
-    rollback = threading.Event()
-    signal.signal(signal.SIGUSR1, lambda _s, _f: rollback.set())  # the user's explicit roll-back
+    sig = _signals()  # SIGUSR1: the user's explicit roll-back
     try:
-        result = run_source(cfg, stop, say=lambda m: click.echo(m, err=True), rollback=rollback)
+        result = run_source(cfg, sig.stop, say=lambda m: click.echo(m, err=True), rollback=sig.rollback)
     except MigratorError as exc:
         _fail(exc)
+    except OSError as exc:  # e.g. the port is taken
+        from migrator.security import ConfigError
+
+        _fail(ConfigError(str(exc)))
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
@@ -214,6 +225,8 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
         click.option("--no-verify", is_flag=True, help="Skip the guest's full self-check at the end."),
         click.option("--reconnect-deadline", type=click.FloatRange(0), default=300.0, show_default=True,
                      help="Seconds to keep reconnecting to a lost source before giving up."),  # fmt: skip
+        click.option("--prefetch-delay", type=click.FloatRange(0), default=0.0, hidden=True,
+                     help="Seconds the bulk lanes wait after the resume (to measure faults with an idle bulk)."),
     ]
     if override:
         opts.append(click.option("--write-ratio", type=click.FloatRange(0, 1), default=None, help="Override the guest's write ratio here."))
@@ -247,11 +260,13 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
     from migrator.runner import run_destination
 
     tls = _tls(kw)
+    sig = _signals()  # from the start: a SIGUSR1 before the next hop serves is only noted
     # everything that can fail on its own fails now, before the source pauses its guest
     _plot_ok(plot)
     _writable(ready_file, "--ready-file")
     if listen:
         _listen_ok(listen)
+        _hop_ok(listen, tls, kw["lanes"])
     try:
         secret, _ = load_secret(secret_file, create=False)
     except MigratorError as exc:
@@ -259,7 +274,7 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
     cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, secret=secret, tls=tls, **kw)
     if listen and run_for is None:
         cfg = DestConfig(**{**cfg.__dict__, "run_for": 0.0})  # the guest runs on while it waits for the next hop
-    stop = _stop_on_signals()
+    stop = sig.stop
     try:
         if listen:
             from migrator.runner import run_destination_outcome
@@ -278,13 +293,16 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
     if listen:
         from migrator.source.run import serve_guest
 
-        hop = SourceConfig(listen=listen, ready_file=ready_file, secret_file=secret_file, tls=tls)
+        hop = SourceConfig(listen=listen, ready_file=ready_file, secret_file=secret_file, tls=tls, lanes=kw["lanes"])
+        sig.rollback.clear()  # only a roll-back of the next hop counts
         try:
-            rollback = threading.Event()
-            signal.signal(signal.SIGUSR1, lambda _s, _f: rollback.set())
-            served = serve_guest(out.guest, hop, stop, say=lambda m: click.echo(m, err=True), rollback=rollback)
-        except MigratorError as exc:
-            _fail(exc)
+            served = serve_guest(out.guest, hop, stop, say=lambda m: click.echo(m, err=True), rollback=sig.rollback)
+        except (MigratorError, OSError, RuntimeError) as exc:
+            # never stop a complete guest because the next hop cannot start: it runs on here
+            click.echo(f"migrator: cannot serve the next hop ({exc}); the guest keeps running here until stopped", err=True)
+            stop.wait()
+            out.guest.quit()
+            sys.exit(4)
         if served["phase"] not in ("completed", "running"):  # stopped mid-hop: the guest is lost
             sys.exit(4)
 
@@ -309,7 +327,7 @@ def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: b
     guest = _guest(kw)
     _plot_ok(plot)
     cfg = DestConfig(source="127.0.0.1:0", run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
-    stop = _stop_on_signals()
+    stop = _signals().stop
     try:
         if plot is None and _have_matplotlib():
             plot = "migrator-demo.png"

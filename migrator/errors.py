@@ -11,6 +11,7 @@
     │                                    cancel): the guest runs there, not here
     ├── SourceFailed                  4  the source could not do its part (its guest died or
     │                                    would not pause); retrying cannot help
+    ├── SourceBusy                    4  the source migrates its guest to another destination
     ├── ProtocolError                 6  the peer sent something we refuse (version,
     │   │                                size, checksum, a page we did not ask for)
     │   └── IntegrityError            6  a page failed its checksum
@@ -74,6 +75,10 @@ class MigrationEnded(MigratorError):
 
 
 class SourceFailed(MigratorError):
+    exit_code = 4
+
+
+class SourceBusy(MigratorError):
     exit_code = 4
 
 

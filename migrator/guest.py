@@ -48,6 +48,7 @@ class Hello:
     vcpus: int
     tids: list[int]
     uffd: int | None
+    ram_fd: int | None = None  # a source guest's RAM (a memfd), to map read-only
 
 
 class GuestProcess:
@@ -119,19 +120,23 @@ class GuestProcess:
                 os.close(fd)
             self.proc.wait(timeout=5)
             raise UnsupportedHost(f"guest: {data['error']}", errno=data.get("errno"))
-        uffd = None
+        uffd = ram_fd = None
         if self.spec.incoming:
             if len(fds) != 1:
                 raise GuestError("incoming guest did not pass exactly one userfaultfd", fds=len(fds))
             uffd = fds[0]
         elif fds:
-            for fd in fds:
-                os.close(fd)
+            if data.get("ram_fd") and len(fds) == 1:
+                ram_fd = fds[0]
+            else:
+                for fd in fds:
+                    os.close(fd)
         self._buf = bytearray()
         self._next_id = 0
         return Hello(
             pid=data["pid"], addr=data["addr"], size=data["size"], page_size=data["page_size"],
             table_pages=data["table_pages"], vcpus=data["vcpus"], tids=data.get("tids", []), uffd=uffd,
+            ram_fd=ram_fd,
         )  # fmt: skip
 
     # -- control -----------------------------------------------------------------
@@ -222,6 +227,13 @@ class GuestProcess:
         self.close()
 
     def close(self) -> None:
+        hello = getattr(self, "hello", None)
+        if hello is not None and hello.ram_fd is not None:
+            try:
+                os.close(hello.ram_fd)
+            except OSError:
+                pass
+            hello.ram_fd = None
         sock = getattr(self, "sock", None)
         if sock is not None:
             try:

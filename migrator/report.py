@@ -63,5 +63,6 @@ def build_summary(out: Outcome, error: str = "") -> Summary:
             "bulk_batches": st.bulk_batches,
             "reconnects": out.reconnects,
             "raw_bytes": st.raw_bytes,
+            "cpu_s": st.cpu_s,
         },
     )

@@ -69,7 +69,7 @@ def run_destination_outcome(
             summary.extra["timeline_png"] = write_timeline(out, plot)
         return summary, out
     finally:
-        session.close()
+        session.close(keep_release=keep_guest)
 
 
 class DemoSource:

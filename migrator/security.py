@@ -79,11 +79,12 @@ class SecretInterceptor(grpc.ServerInterceptor):
         self._on_refused = on_refused
 
     def intercept_service(self, continuation, handler_call_details):  # type: ignore[no-untyped-def]
-        presented = ""
-        for key, value in handler_call_details.invocation_metadata or ():
-            if key == METADATA_KEY:
-                presented = value
-        if hmac.compare_digest(presented.encode(errors="replace"), self._expected):
+        try:
+            presented = [v for k, v in handler_call_details.invocation_metadata or () if k == METADATA_KEY]
+            ok = len(presented) == 1 and hmac.compare_digest(str(presented[0]).encode(errors="replace"), self._expected)
+        except Exception:  # noqa: BLE001 - metadata a peer made undecodable: refused like the rest
+            presented, ok = ["?"], False
+        if ok:
             return continuation(handler_call_details)
         why = "no migration secret presented" if not presented else "wrong migration secret"
         if self._on_refused is not None:

@@ -52,6 +52,7 @@ class DestStats:
     # one (time.time_ns, perf_counter_ns) pair taken together: maps the two clocks
     clock_ref: tuple[int, int] = field(default_factory=lambda: (time.time_ns(), time.perf_counter_ns()))
     blocked_ns_by_tid: dict[int, int] = field(default_factory=dict)
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds of each worker process
     timeline: list[tuple[int, str, int, int]] = field(default_factory=list)  # (t_ns, kind, pages, latency_ns)
 
     def add(self, **kw: int) -> None:

@@ -51,14 +51,24 @@ def status_kib(pid: int, field: str) -> int:
     """``field`` of /proc/PID/status summed over the source's processes (kB)."""
     total = 0
     for p in source_pids(pid):
-        for line in Path(f"/proc/{p}/status").read_text().splitlines():
+        try:
+            lines = Path(f"/proc/{p}/status").read_text().splitlines()
+        except OSError:
+            continue  # gone (e.g. the source exited after its migration)
+        for line in lines:
             if line.startswith(field + ":"):
                 total += int(line.split()[1])
     return total
 
 
 def nfds(pid: int) -> int:
-    return sum(len(os.listdir(f"/proc/{p}/fd")) for p in source_pids(pid))
+    total = 0
+    for p in source_pids(pid):
+        try:
+            total += len(os.listdir(f"/proc/{p}/fd"))
+        except OSError:
+            pass
+    return total
 
 
 def server_address(t: dict, which: str) -> str:
@@ -87,11 +97,12 @@ class Peak:
                 return
 
     def stop(self) -> tuple[int, int]:
-        """(peak growth, lasting growth) in MiB."""
+        """(peak growth, lasting growth) in MiB (lasting 0 if the source has exited since)."""
         self._stop.set()
         self._t.join()
         time.sleep(0.3)
-        return (self.peak - self.start_kib) >> 10, (status_kib(self.pid, "VmRSS") - self.start_kib) >> 10
+        now = status_kib(self.pid, "VmRSS")
+        return (self.peak - self.start_kib) >> 10, max(0, now - self.start_kib) >> 10 if now else 0
 
 
 # -- a source to attack, TLS off and on ----------------------------------------------------
@@ -261,7 +272,9 @@ def test_rapid_resets_and_floods_while_a_migration_runs(target: dict, tmp_path: 
         sock.close()
     reset = next(r for r in reports if r.name == "rapid reset")
     assert reset.calls > 1000, reset
-    assert grow < 64, grow
+    # gRPC's own buffers grow under a flood (all the source's processes together); what stays is
+    # bounded by the heap each process keeps for its batches (32 MiB, workers.py)
+    assert grow < 256 and lasting < 128, (grow, lasting)
     _figure(t, f"migration under attack: {took:.2f} s vs {base_t:.2f} s without ({took / base_t:.2f}x); "
                f"{reset.calls} streams opened and reset ({reset.note or 'connections kept'}); RSS +{grow} MiB peak, "
                f"+{lasting} MiB after; fds {fds0} before")  # fmt: skip
@@ -269,9 +282,10 @@ def test_rapid_resets_and_floods_while_a_migration_runs(target: dict, tmp_path: 
 
 # -- after authentication ------------------------------------------------------------------------
 def test_idle_authenticated_calls_are_bounded_and_the_owner_is_served(target: dict) -> None:
-    """Calls with the secret that never send a request: at most 8 wait, for at most 5 s
-    each, the rest are refused at once; the destination that owns the migration (its
-    calls name it) is served meanwhile, and a new destination gets in within seconds."""
+    """Calls with the secret that never send a request: at most 4 of one peer address
+    wait (8 of all peers), for at most 5 s each, the rest are refused at once; the
+    destination that owns the migration (its calls name it) is served meanwhile, and a
+    new destination gets in within seconds."""
     t = target
     with RawClient(t["address"], t["secret"], ca=t["ca"] if t["tls"] else None) as owner:
         owner.handshake(owner_headers=True)
@@ -282,13 +296,13 @@ def test_idle_authenticated_calls_are_bounded_and_the_owner_is_served(target: di
             rogue.open("Stream")
         rogue.pump(0.5)
         busy = sum(1 for v in rogue.status.values() if v == "8")
-        assert busy == 4, rogue.status  # RESOURCE_EXHAUSTED beyond the 8 that may wait
+        assert busy == 8, rogue.status  # RESOURCE_EXHAUSTED beyond the 4 one address may keep waiting
         t0 = time.perf_counter()
         for first in range(100, 4000, 400):
             assert owner.demand(first, 8).count == 8  # the owner's urgent path: served at once
         owner_ms = (time.perf_counter() - t0) * 1e3 / 10
         rogue.pump(6.0)
-        assert list(rogue.status.values()).count("1") == 8, rogue.status  # CANCELLED by the source after 5 s
+        assert list(rogue.status.values()).count("1") == 4, rogue.status  # CANCELLED by the source after 5 s
         rogue.close()
         owner.rollback_force()
     # a new destination while other peers keep 8 calls waiting: it retries and gets in
@@ -298,7 +312,7 @@ def test_idle_authenticated_calls_are_bounded_and_the_owner_is_served(target: di
     rogue.pump(0.3)
     took, _ = _migrate(t, "newcomer")
     rogue.close()
-    _figure(t, f"12 idle authenticated streams: 8 waited (ended after 5 s), 4 refused at once; the owner's demand "
+    _figure(t, f"12 idle authenticated streams from one address: 4 waited (ended after 5 s), 8 refused at once; the owner's demand "
                f"requests took {owner_ms:.1f} ms each meanwhile; a new destination migrated in {took:.2f} s "
                f"with 8 calls waiting")  # fmt: skip
 

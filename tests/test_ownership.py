@@ -168,3 +168,22 @@ def test_never_two_live_guests(steps: list[str]) -> None:
             assert o.phase is Phase.COMPLETED
         if o.phase is Phase.RUNNING:
             dest_may_run = False
+
+
+def test_the_same_destination_asking_again_while_its_pause_is_under_way_is_told_to_retry() -> None:
+    o = Ownership()
+    assert o.begin_pause(TOKEN)
+    with pytest.raises(Refused) as err:
+        o.begin_pause(TOKEN)
+    assert err.value.status == "UNAVAILABLE"  # retryable: the same manifest comes once paused
+    o.pause_done(E1, now=1.0)
+    assert o.begin_pause(TOKEN) is False
+
+
+def test_a_dead_source_guest_ends_the_migration_and_says_why() -> None:
+    o = switched()
+    assert o.source_failed() == E1
+    with pytest.raises(Refused) as err:
+        o.check(E1)
+    assert err.value.ended == "source-failed"
+    assert Ownership().source_failed() == 0  # nothing in progress: nothing to end

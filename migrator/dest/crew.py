@@ -45,7 +45,7 @@ class Crew:
         self.lanes: list[Worker] = []
         try:
             for i in range(lanes):
-                cfg = {**common, "slot": 1 + i, "lane": i, "lanes": lanes, "batch_pages": batch_pages,
+                cfg = {**common, "slot": 1 + i, "lane": i, "lanes": lanes, "batch_pages": batch_pages, "heap_keep_mib": 512,
                        "compress": compress, "loopback": loopback, "source": {**source, "address": lane_addresses[i]}}  # fmt: skip
                 self.lanes.append(Worker("migrator.dest.lane", f"dst-lane{i}", cfg, fds, self.events))
         except BaseException:

@@ -50,6 +50,7 @@ from migrator.errors import (
     AuthError,
     GuestDied,
     GuestError,
+    GuestStalled,
     MigrationEnded,
     MigratorError,
     ProtocolError,
@@ -119,6 +120,9 @@ class DestinationSession:
         self.crew: Crew | None = None
         self.ps: PageState | None = None
         self.release: Release | None = None
+        self._lanes_due = 0.0
+        self._last_ops = 0
+        self._switching = False
         self.token = os.urandom(16)  # names this destination's handshake (idempotent retries)
         self.say: Callable[[str], None] = lambda m: log.warning("%s", m)
 
@@ -158,7 +162,8 @@ class DestinationSession:
             # Everything that does not need the manifest is ready before the pause.
             self.crew = crew = self._start_crew(desc, ps, uffd.fd, h.addr, h.page_size)
             niced = deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
-            manifest = self._retrying("handshake", lambda: ctl.handshake(self.token))  # the source pauses
+            # the source pauses; a source gone before it answered will not come back: a shorter wait
+            manifest = self._retrying("handshake", lambda: ctl.handshake(self.token), min(cfg.reconnect_deadline, 30.0))
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
@@ -166,12 +171,16 @@ class DestinationSession:
             ps.words[EPOCH] = manifest.epoch
             urgent = crew.open_urgent(manifest.epoch)  # opens while the switch-over travels
             # Only once the source has recorded the switch-over may the guest run here.
+            self._switching = True
             self._retrying("switch-over", ctl.switchover)
             switched = True
             crew.fault.wait(urgent, 10)  # no fault waits for the urgent stream to open
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
             resumed = True
-            crew.start_lanes(manifest.epoch)
+            self._lanes_due = time.monotonic() + cfg.prefetch_delay  # (held back only to measure an idle bulk)
+            if cfg.prefetch_delay <= 0:
+                crew.start_lanes(manifest.epoch)
+                self._lanes_due = 0.0
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.tids = list(reply.get("tids", []))
             log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
@@ -227,10 +236,11 @@ class DestinationSession:
             raise
         return crew
 
-    def _retrying(self, what: str, call: Callable[[], T]) -> T:
+    def _retrying(self, what: str, call: Callable[[], T], deadline_s: float | None = None) -> T:
         """``call`` until it answers, across a lost connection, for up to the reconnect
         deadline; a refusal (or the guest dying here) ends it at once."""
-        deadline = time.monotonic() + self.cfg.reconnect_deadline
+        deadline_s = self.cfg.reconnect_deadline if deadline_s is None else deadline_s
+        deadline = time.monotonic() + deadline_s
         backoff = 0.1
         said = False
         while True:
@@ -240,7 +250,7 @@ class DestinationSession:
                 if isinstance(exc, AuthError) or time.monotonic() + backoff > deadline:
                     raise
                 if not said:
-                    self.say(f"source unreachable during the {what} ({exc}); retrying for up to {self.cfg.reconnect_deadline:g} s")
+                    self.say(f"source unreachable during the {what} ({exc}); retrying for up to {deadline_s:g} s")
                     said = True
             self._check()
             time.sleep(backoff)
@@ -255,7 +265,12 @@ class DestinationSession:
             try:
                 ctl.cancel(f"destination failed before the switch-over: {exc}")
             except MigratorError:
-                pass  # it resumes its guest by itself after its switch-over timeout
+                if self._switching and isinstance(exc, TransportError):
+                    # the switch-over may have reached the source (only its answer was lost)
+                    return type(exc)(
+                        f"{exc}; the source may have recorded the switch-over, but the guest never ran here: "
+                        f"taking it back on the source is safe: `migrator rollback --source {self.cfg.source} --force`"
+                    )
             return exc
         if switched and not isinstance(exc, MigrationEnded) and isinstance(exc, MigratorError):
             how = "after the switch-over" if not resumed else "while pages were missing"
@@ -288,6 +303,9 @@ class DestinationSession:
                     back_at = time.monotonic()
             elif kind in ("fatal", "exited"):
                 raise event_error(name, ev)
+            if self._lanes_due and time.monotonic() >= self._lanes_due:
+                self._lanes_due = 0.0
+                crew.start_lanes(out.manifest.epoch)
             if back_at and not lost and time.monotonic() - back_at > OUTAGE_GRACE_S:
                 back_at = 0.0
                 out.reconnects += 1
@@ -350,13 +368,22 @@ class DestinationSession:
             st.blocked_ns_by_tid[tid] = st.blocked_ns_by_tid.get(tid, 0) + lat
         for name, rep in reports.items():
             st.timeline.extend((tm, kind, n, 0) for tm, kind, n in rep.get("timeline", []))
+        bulk = [tm for tm, kind, _n, _ in st.timeline if kind == "prefetch"]
+        st.bulk_started_ns, st.bulk_finished_ns = (min(bulk), max(bulk)) if bulk else (0, 0)
+        st.cpu_s = {name: rep.get("cpu_s", 0.0) for name, rep in reports.items()}
         lane0 = reports.get(crew.lanes[0].name, {}) if crew.lanes else {}
         out.compression = str(lane0.get("compression", "none"))
 
     def _guest_ops(self) -> int:
+        """The guest's operation counter (for ops/s).  A guest that does not answer in
+        time (stalled, stopped: GuestStalled) is not a failure: the last count stands."""
         assert self.guest is not None
-        st = self.guest.call("stats", timeout=10)
-        return sum(v["ops"] for v in st["vcpus"])
+        try:
+            st = self.guest.call("stats", timeout=10)
+        except GuestStalled:
+            return self._last_ops
+        self._last_ops = sum(v["ops"] for v in st["vcpus"])
+        return self._last_ops
 
     def run_after(self, out: Outcome, seconds: float | None, stop: threading.Event, on_progress: Callable[[Progress], None] | None = None) -> None:
         """Keep the guest running on this side for ``seconds`` (None: until ``stop``)."""
@@ -397,14 +424,16 @@ class DestinationSession:
         else:
             guest.quit()
 
-    def close(self) -> None:
-        if self.release is not None:
+    def close(self, *, keep_release: bool = False) -> None:
+        """Stop everything of this session; ``keep_release``: Complete keeps being
+        retried in the background (the guest lives on, serving the next hop)."""
+        if self.release is not None and not keep_release:
             self.release.stop()
         if self.crew is not None:
             self.crew.kill()
         if self.guest is not None and self.guest.alive():
             self.guest.kill()
-        if self.control is not None:
+        if self.control is not None and not keep_release:
             self.control.close()
         if self.ps is not None:
             self.ps.close()

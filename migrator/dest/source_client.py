@@ -16,6 +16,7 @@ PageBatch bytes, decoded without copying by the installer (``fastbatch``).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -30,6 +31,7 @@ from migrator.errors import (
     MigrationEnded,
     MigratorError,
     ProtocolError,
+    SourceBusy,
     SourceFailed,
     SourceUnreachable,
     TransportError,
@@ -39,7 +41,7 @@ from migrator.wire import migration_pb2 as pb
 from migrator.wire import migration_pb2_grpc as pb_grpc
 
 UNARY_TIMEOUT = 15.0
-BUSY_RETRY_S = 6.0  # a busy source (RESOURCE_EXHAUSTED) frees its waiting slots within 5 s (source/guard.py)
+BUSY_RETRY_S = 30.0  # a busy source (RESOURCE_EXHAUSTED) frees its waiting slots within 5 s (source/guard.py)
 STREAM_TIMEOUT = 24 * 3600.0
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
@@ -55,7 +57,7 @@ CHANNEL_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 100),
     ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 1000),
-]
+] + [(k, int(v)) for k, v in (kv.split("=") for kv in os.environ.get("MIGRATOR_XOPTS", "").split(",") if kv)]
 
 
 ENDED_KEY = "migrator-epoch-ended"  # trailing metadata of a refusal naming an ended epoch
@@ -74,11 +76,12 @@ def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
         return SourceFailed(f"{what}: {details}", status=code.name)
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return SourceUnreachable(f"source unreachable during {what}: {details}", status=code.name)
+    if code == grpc.StatusCode.ALREADY_EXISTS:
+        return SourceBusy(f"the source is migrating its guest to another destination ({details})")
     if code in (
         grpc.StatusCode.INVALID_ARGUMENT,
         grpc.StatusCode.OUT_OF_RANGE,
         grpc.StatusCode.FAILED_PRECONDITION,
-        grpc.StatusCode.ALREADY_EXISTS,
         grpc.StatusCode.UNIMPLEMENTED,
     ):
         return ProtocolError(f"source refused {what}: {details}", status=code.name)

@@ -36,6 +36,7 @@ request in time: the watchdog cancels the call), and the session's own (see
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -50,11 +51,12 @@ log = logging.getLogger("migrator.source")
 
 EPOCH_KEY = "x-migrator-epoch"  # metadata: the migration a call belongs to (hex)
 WAITING_MAX = 8  # calls of peers other than the owner waiting for their first message
+WAITING_PER_ADDRESS = 4  # ... of which one peer address may hold this many
 FIRST_MESSAGE_TIMEOUT_S = 5.0
-MAX_CONNECTIONS = 64
+MAX_CONNECTIONS = 512  # each process raises its descriptor limit to hold them (raise_fd_limit)
 STREAMS_PER_CONNECTION = 16
 HANDSHAKE_TIMEOUT_MS = 5_000
-IDLE_CONNECTION_MS = 20_000
+IDLE_CONNECTION_MS = 30_000
 
 
 def server_options(npages: int, page_size: int, max_batch_pages: int) -> list[tuple[str, Any]]:
@@ -82,9 +84,10 @@ def server_options(npages: int, page_size: int, max_batch_pages: int) -> list[tu
         ("grpc.keepalive_time_ms", 1000),
         ("grpc.keepalive_timeout_ms", 2000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 500),
-        ("grpc.http2.max_ping_strikes", 0),
-    ]
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", 100),
+        # a peer pinging faster than that is struck, five times, then sent away (a ping flood)
+        ("grpc.http2.max_ping_strikes", 5),
+    ] + [(k, int(v)) for k, v in (kv.split("=") for kv in os.environ.get("MIGRATOR_XOPTS", "").split(",") if kv)]
 
 
 def decompress_map(data: bytes, size: int, what: str) -> bytes:
@@ -120,6 +123,33 @@ class RefusalLog:
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(pending.items()))
         log.warning("refused %d call%s (%s)%s", n, "" if n == 1 else "s", reasons,
                     f"; at most one line per {self.period:g} s" if self.total == 1 else "")  # fmt: skip
+
+
+class _RateLimitedRecords(logging.Filter):
+    """gRPC's own log records about a peer's bytes (e.g. "Invalid encoding" of a metadata
+    value, with a traceback, once per call): one line per period, with a count, no traceback."""
+
+    def __init__(self, period: float = 10.0) -> None:
+        super().__init__()
+        self.period, self.last, self.dropped = period, 0.0, 0
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        now = time.monotonic()
+        if now - self.last < self.period:
+            self.dropped += 1
+            return False
+        self.last = now
+        record.exc_info, record.exc_text = None, None
+        more = f" (and {self.dropped} more like it, not logged)" if self.dropped else ""
+        record.msg, record.args, self.dropped = record.getMessage()[:200] + more, None, 0
+        return True
+
+
+def quiet_grpc_logs() -> None:
+    """Rate-limit what gRPC logs about peers' input (a peer without the secret must not
+    be able to fill the log)."""
+    for name in ("grpc._cython.cygrpc", "grpc._server", "grpc._common"):
+        logging.getLogger(name).addFilter(_RateLimitedRecords())
 
 
 class Watchdog:
@@ -174,6 +204,7 @@ class CallGuard(grpc.ServerInterceptor):
         self._watchdog = watchdog or Watchdog()
         self._lock = threading.Lock()
         self.waiting = 0
+        self._by_address: dict[str, int] = {}
         self.refused_busy = 0
 
     def intercept_service(self, continuation, details):  # type: ignore[no-untyped-def]
@@ -219,16 +250,19 @@ class CallGuard(grpc.ServerInterceptor):
 
     def _first(self, it: Iterator[Any], ctx: grpc.ServicerContext, owner: bool) -> Any:
         """The call's first message, waited for at most FIRST_MESSAGE_TIMEOUT_S."""
+        address = _address(ctx.peer()) if not owner else ""
         if not owner:
             with self._lock:
-                if self.waiting >= WAITING_MAX:
+                mine = self._by_address.get(address, 0)
+                if self.waiting >= WAITING_MAX or mine >= WAITING_PER_ADDRESS:
                     self.refused_busy += 1
                     busy = True
                 else:
                     self.waiting += 1
+                    self._by_address[address] = mine + 1
                     busy = False
             if busy:
-                ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"{WAITING_MAX} calls already wait for their request")
+                ctx.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "too many calls already wait for their request")
         token = self._watchdog.arm(ctx.cancel, FIRST_MESSAGE_TIMEOUT_S)
         cancelled = False
         try:
@@ -240,6 +274,9 @@ class CallGuard(grpc.ServerInterceptor):
             if not owner:
                 with self._lock:
                     self.waiting -= 1
+                    left = self._by_address.pop(address, 1) - 1
+                    if left:
+                        self._by_address[address] = left
         if cancelled:
             ctx.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"no request within {FIRST_MESSAGE_TIMEOUT_S:g} s")
         if msg is None:
@@ -247,6 +284,24 @@ class CallGuard(grpc.ServerInterceptor):
         if isinstance(msg, Undecodable):
             ctx.abort(grpc.StatusCode.INVALID_ARGUMENT, f"undecodable request: {msg.why}")
         return msg
+
+
+def _address(peer: str) -> str:
+    """The address part of gRPC's peer string ("ipv4:10.0.0.2:54321" -> "ipv4:10.0.0.2")."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer
+
+
+def raise_fd_limit() -> None:
+    """The soft descriptor limit up to the hard one (a server holds one per connection)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard if hard != resource.RLIM_INFINITY else 1 << 16
+    if soft < want:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError):
+            pass
 
 
 def _chain(first: Any, rest: Iterator[Any]) -> Iterator[Any]:

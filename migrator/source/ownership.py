@@ -44,8 +44,8 @@ class Phase(str, enum.Enum):
 # Why an epoch ended; travels to the destination in the refusal's trailing
 # metadata (``ENDED_KEY``) so that it can tell "ended" from "refused".
 ENDED_KEY = "migrator-epoch-ended"
-CANCELLED, TIMED_OUT, ROLLED_BACK, FORCED, COMPLETED_, PAUSE_FAILED = (
-    "cancelled", "timed-out", "rolled-back", "rolled-back-forced", "completed", "pause-failed",
+CANCELLED, TIMED_OUT, ROLLED_BACK, FORCED, COMPLETED_, PAUSE_FAILED, SOURCE_FAILED = (
+    "cancelled", "timed-out", "rolled-back", "rolled-back-forced", "completed", "pause-failed", "source-failed",
 )  # fmt: skip
 ENDED_TEXT = {
     CANCELLED: "cancelled by the destination before its guest ran",
@@ -54,6 +54,7 @@ ENDED_TEXT = {
     FORCED: "rolled back by force on the source: the guest runs there again",
     COMPLETED_: "completed: the source has released the guest",
     PAUSE_FAILED: "the source could not pause its guest",
+    SOURCE_FAILED: "the source's guest died: the pages it still held are lost",
 }
 
 
@@ -84,6 +85,9 @@ class Ownership:
             return True
         if token and token == self.token and self.phase in (Phase.PAUSED, Phase.SWITCHED):
             return False
+        if token and token == self.token and self.phase is Phase.PAUSING:
+            # this destination asks again (a lost link) while its own pause is under way
+            raise Refused("UNAVAILABLE", "the pause for this destination is under way; ask again")
         if self.phase is Phase.COMPLETED:
             raise Refused("FAILED_PRECONDITION", "the guest has already migrated away from this source")
         raise Refused("ALREADY_EXISTS", f"a migration is already {self.phase.value}")
@@ -160,6 +164,14 @@ class Ownership:
                 "a destination that still runs it is told to stop its copy when it next calls"
             )
         return False, f"nothing to roll back (phase {self.phase.value})"
+
+    def source_failed(self) -> int:
+        """The source's guest died: the migration in progress (if any) ends; returns its epoch."""
+        if self.phase in (Phase.PAUSED, Phase.SWITCHED):
+            epoch = self.epoch
+            self._end(SOURCE_FAILED, Phase.RUNNING)
+            return epoch
+        return 0
 
     def complete(self, epoch: int) -> bool:
         """SWITCHED -> COMPLETED; True when newly completed, False for a repeat."""

@@ -1,13 +1,19 @@
 """Read a paused guest's RAM from outside the guest.
 
-Pages are read with ``preadv`` on ``/proc/PID/mem`` straight into a reusable
-buffer (the syscall releases the GIL).  ``/proc/PID/pagemap`` tells which pages
-were never touched (neither present nor swapped): those are zero and are never
-read or sent.
+Two ways.  A guest whose RAM is a memfd (a source's guest_sim, like QEMU's
+memory-backend-memfd) passes it to its monitor: :class:`MappedRam` maps it
+read-only and serves pages as views of the mapping, with no copy at all
+(reading /proc/PID/mem copies every byte twice in the kernel: 0.7-0.8 s of CPU
+per GiB here, the largest cost of a source lane).  Otherwise (a guest that
+arrived by migration, in private anonymous memory) :class:`RamReader` reads
+``/proc/PID/mem`` with ``preadv`` into a reusable buffer (the syscall releases
+the GIL).  ``/proc/PID/pagemap`` tells which pages were never touched (neither
+present nor swapped): those are zero and are never read or sent.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 
 from migrator.errors import GuestError
@@ -77,3 +83,25 @@ class RamReader:
         os.close(self._mem)
         if self._pagemap >= 0:
             os.close(self._pagemap)
+
+
+class MappedRam:
+    """A guest's RAM mapped read-only from its memfd: pages without a copy."""
+
+    def __init__(self, fd: int, size: int, page_size: int) -> None:
+        self.page_size = page_size
+        self.fd = fd
+        self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+        self._mv = memoryview(self._map)
+
+    def view(self, first: int, count: int) -> memoryview:
+        ps = self.page_size
+        return self._mv[first * ps : (first + count) * ps]
+
+    def read_into(self, first: int, buf: memoryview) -> None:
+        buf[:] = self._mv[first * self.page_size : first * self.page_size + len(buf)]
+
+    def close(self) -> None:
+        self._mv.release()
+        self._map.close()
+        os.close(self.fd)

@@ -22,6 +22,7 @@ from migrator.source.session import SourceSession, free_port_block
 log = logging.getLogger("migrator.source")
 SWITCH_INTERVAL_S = float(os.environ.get("MIGRATOR_SWITCH_INTERVAL", "0.0002"))
 LINGER_S = 10.0  # after Complete: answer a repeated Complete (lost reply) until acknowledged
+GUEST_DIED_LINGER_S = 3.0  # after the guest died mid-migration: tell the destination, then exit
 
 
 def run_source(cfg: SourceConfig, stop: threading.Event, say=print, rollback: threading.Event | None = None) -> dict[str, Any]:  # type: ignore[no-untyped-def]
@@ -136,6 +137,8 @@ class _Loop:
                 return
             s.completed.wait(0.2)
             if not self.guest.alive():
+                if s.guest_died():
+                    time.sleep(GUEST_DIED_LINGER_S)  # a destination that asks now learns why
                 raise GuestDied("the source guest died", exit=self.guest.proc.returncode)
             s.tick()
             while not s.events.empty():

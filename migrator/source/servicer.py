@@ -17,7 +17,7 @@ import grpc
 
 from migrator.errors import MigratorError
 from migrator.security import SecretInterceptor, TlsFiles
-from migrator.source.guard import WAITING_MAX, CallGuard, RefusalLog, server_options
+from migrator.source.guard import WAITING_MAX, CallGuard, RefusalLog, quiet_grpc_logs, raise_fd_limit, server_options
 from migrator.source.ownership import ENDED_KEY, Refused
 from migrator.source.serving import MAX_BATCH_PAGES
 from migrator.wire import migration_pb2 as pb
@@ -95,6 +95,8 @@ def make_server(
     ``streams`` long-lived streams, and a few unary calls (microseconds each
     once their request is in).  Raises OSError if it cannot listen.
     """
+    quiet_grpc_logs()
+    raise_fd_limit()
     guard = CallGuard(current_epoch)
     interceptors: list[grpc.ServerInterceptor] = [guard]
     if secret:
@@ -108,13 +110,18 @@ def make_server(
         maximum_concurrent_rpcs=workers,  # beyond: RESOURCE_EXHAUSTED at once, never a queue
     )
     server.add_generic_rpc_handlers(handlers)
-    if tls is not None and tls.enabled:
-        port = server.add_secure_port(listen, tls.server_credentials())
+    try:
+        if tls is not None and tls.enabled:
+            port = server.add_secure_port(listen, tls.server_credentials())
+        else:
+            port = server.add_insecure_port(listen)
+    except RuntimeError as exc:  # gRPC's "Failed to bind to address ..."
+        port, why = 0, str(exc)
     else:
-        port = server.add_insecure_port(listen)
+        why = "address in use or not resolvable"
     if port == 0:
         server.stop(0)
-        raise OSError(f"cannot listen on {listen}")
+        raise OSError(f"cannot listen on {listen}: {why}")
     server.start()
     return server, port
 

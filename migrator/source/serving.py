@@ -81,6 +81,8 @@ class PageServer:
     # -- checks --------------------------------------------------------------------------
     def _check_locked(self, epoch: int) -> None:
         why = self._ended.get(epoch)
+        if why is None and epoch and epoch == self.sh.words[sh.ENDED_EPOCH]:
+            why = sh.WHY[self.sh.words[sh.ENDED_WHY]]  # the session's "end" is on its way
         if why is not None:
             raise Refused("FAILED_PRECONDITION", f"migration {epoch:016x} ended: {ENDED_TEXT[why]}", ended=why)
         current = self.sh.words[sh.EPOCH]

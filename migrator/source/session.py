@@ -111,11 +111,12 @@ class SourceSession:
         """The urgent worker at ``base_port + 1`` and the lanes after it (raises OSError
         if one cannot listen there: the caller picks another block)."""
         h = self.guest.hello
+        ram_fd = h.ram_fd if h.ram_fd is not None else -1  # mapped by the workers: no copy to read a page
         common = {"host": host, "npages": self.npages, "page_size": self.page_size, "addr": h.addr, "pid": h.pid,
-                  "shm_fd": self.shared.fd, "mem_fd": self._reader.mem_fd, "secret": secret,
+                  "shm_fd": self.shared.fd, "mem_fd": self._reader.mem_fd, "ram_fd": ram_fd, "secret": secret,
                   "tls": {"cert": tls.cert, "key": tls.key, "ca": tls.ca} if tls is not None and tls.enabled else None}  # fmt: skip
         roles = [("urgent", "src-urgent", URGENT_NICE)] + [("lane", f"src-lane{i}", 0) for i in range(self.lanes)]
-        fds = [self.shared.fd, self._reader.mem_fd]
+        fds = [self.shared.fd, self._reader.mem_fd] + ([ram_fd] if ram_fd >= 0 else [])
         started: list[Worker] = []
         try:
             for slot, (role, name, nice) in enumerate(roles):
@@ -146,8 +147,11 @@ class SourceSession:
     def _end_epoch(self, epoch: int, why: str) -> None:
         """Every worker stops serving ``epoch`` (and says so) before this returns.
         Caller does not hold the lock."""
-        if self.shared.words[sh.EPOCH] == epoch:
-            self.shared.words[sh.EPOCH] = 0
+        w = self.shared.words
+        w[sh.ENDED_WHY] = sh.WHY.index(why) if why in sh.WHY else 0
+        w[sh.ENDED_EPOCH] = epoch
+        if w[sh.EPOCH] == epoch:
+            w[sh.EPOCH] = 0
         pending = []
         for w in self.workers:
             try:
@@ -320,6 +324,15 @@ class SourceSession:
             self.events.put("lost-switched" if may_run else "lost-paused")
         elif back:
             self.events.put("the destination reconnected")
+
+    def guest_died(self) -> bool:
+        """The source's guest died mid-migration: end its epoch so that the destination,
+        asking, learns it at once (rather than at its reconnect deadline).  True if one ended."""
+        with self._lock:
+            epoch = self.own.source_failed()
+        if epoch:
+            self._end_epoch(epoch, "source-failed")
+        return bool(epoch)
 
     def _resume_here(self, epoch: int, why: str, message: str) -> None:
         self._end_epoch(epoch, why)

@@ -10,6 +10,8 @@ word       writer      meaning
                        cleared when the epoch ends, before any worker is
                        told (and long before the guest resumes).
 1 READY    session     == EPOCH once ``untouched`` is valid for it
+2, 3       session     the last epoch that ended, and why (an index in WHY);
+                       written before EPOCH is cleared
 16 + 8k    worker k    its counters (``COUNTERS``, 8 words; the last is a
                        gauge of its open streams)
 =========  ==========  ==================================================
@@ -29,7 +31,10 @@ from __future__ import annotations
 
 from migrator.shm import Shared
 
-EPOCH, READY = 0, 1
+EPOCH, READY, ENDED_EPOCH, ENDED_WHY = 0, 1, 2, 3
+# ENDED_WHY: an index into this (ownership.py's reasons), so that a worker can say why
+# an epoch ended even before the session's "end" command has reached it
+WHY = ("cancelled", "timed-out", "rolled-back", "rolled-back-forced", "completed", "pause-failed", "source-failed")
 FIRST_SLOT, SLOT_WORDS, MAX_WORKERS = 16, 8, 32
 COUNTERS = ("demand_requests", "demand_pages", "bulk_pages", "resent_pages", "bytes_sent", "rejected", "open_streams")
 OPEN = COUNTERS.index("open_streams")  # a gauge: the worker's streams open now

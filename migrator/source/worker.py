@@ -23,7 +23,7 @@ import grpc
 
 from migrator.security import TlsFiles
 from migrator.source import shared as sh
-from migrator.source.ram_reader import RamReader
+from migrator.source.ram_reader import MappedRam, RamReader
 from migrator.source.servicer import make_server, streaming
 from migrator.source.serving import MAX_STREAMS, PageServer
 from migrator.wire import migration_pb2 as pb
@@ -38,8 +38,12 @@ def main() -> int:
     cfg: dict[str, Any] = side.config
     npages, role = int(cfg["npages"]), cfg["role"]
     shared = sh.attach(int(cfg["shm_fd"]), npages)
-    reader = RamReader(int(cfg["pid"]), int(cfg["addr"]), npages * int(cfg["page_size"]), int(cfg["page_size"]),
-                       mem_fd=int(cfg["mem_fd"]))  # fmt: skip
+    reader: Any
+    if int(cfg.get("ram_fd", -1)) >= 0:
+        reader = MappedRam(int(cfg["ram_fd"]), npages * int(cfg["page_size"]), int(cfg["page_size"]))
+    else:
+        reader = RamReader(int(cfg["pid"]), int(cfg["addr"]), npages * int(cfg["page_size"]), int(cfg["page_size"]),
+                           mem_fd=int(cfg["mem_fd"]))  # fmt: skip
     pages = PageServer(shared, reader, npages, sh.Counters(shared, int(cfg["slot"])))
     kind = "demand" if role == "urgent" else "bulk"
     behavior: Any

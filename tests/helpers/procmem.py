@@ -64,7 +64,8 @@ def find_guest_ram(pid: int, size: int, page_size: int = mmap.PAGESIZE) -> int:
     magic = pages.MAGIC.to_bytes(4, "little")
     votes: Counter[int] = Counter()
     for m in mappings(pid):
-        if m.size < size or not m.perms.startswith("rw") or m.path not in ("", "[heap]"):
+        # anonymous memory, or a source guest's memfd (memfd:guest-ram)
+        if m.size < size or not m.perms.startswith("rw") or not (m.path in ("", "[heap]") or "guest-ram" in m.path):
             continue
         data = read_mem(pid, m.start, m.size)
         for off in range(0, m.size, page_size):
