@@ -44,11 +44,13 @@ rate="" ram=256MiB compress=auto run_for=5 timeout=600 stop_engine=0
 usage() { sed -n '4,5p' "$0" | sed 's/^# *//' >&2; exit 2; }
 while (($#)); do
     case "$1" in
-        --rate) rate=${2:?}; shift ;;
-        --ram) ram=${2:?}; shift ;;
-        --compress) compress=${2:?}; shift ;;
-        --run-for) run_for=${2:?}; shift ;;
-        --timeout) timeout=${2:?}; shift ;;
+        --rate|--ram|--compress|--run-for|--timeout)
+            [[ -n ${2:-} ]] || { echo "demo: error: $1 needs a value" >&2; usage; }
+            case "$1" in
+                --rate) rate=$2 ;; --ram) ram=$2 ;; --compress) compress=$2 ;;
+                --run-for) run_for=$2 ;; --timeout) timeout=$2 ;;
+            esac
+            shift ;;
         --stop-engine) stop_engine=1 ;;
         -h|--help) usage ;;
         *) echo "demo: error: unknown argument $1" >&2; usage ;;
@@ -63,12 +65,16 @@ rate_bps() {  # tc's units: kbit = 1000 bit/s
 }
 [[ -z $rate ]] || rate_bps "$rate" >/dev/null || { echo "demo: error: --rate $rate: use tc's form, e.g. 1gbit or 100mbit" >&2; exit 2; }
 [[ $compress =~ ^(auto|none|zstd)$ ]] || { echo "demo: error: --compress is auto, none or zstd" >&2; exit 2; }
+[[ $run_for =~ ^[0-9]+(\.[0-9]+)?$ && $timeout =~ ^[0-9]+$ ]] || { echo "demo: error: --run-for and --timeout take seconds" >&2; exit 2; }
+[[ $(id -u) -eq 0 ]] || { echo "demo: error: run as root (it may install Docker, start dockerd, and set tc in the containers' network namespaces)" >&2; exit 3; }
 
 T0=$SECONDS
 say() { printf 'demo: [%4ds] %s\n' $((SECONDS - T0)) "$*"; }
 die() { echo "demo: error: $*" >&2; exit "${rc:-1}"; }
 LOGS=$CACHE/logs
 mkdir -p "$STATE" "$CACHE" "$LOGS"
+exec 9>"$STATE/lock"   # one run at a time: they share the engine, the images and the compose project
+flock -w 600 9 || die "another docker/demo.sh still runs after 600 s ($STATE/lock)"
 
 # run STEP TIMEOUT CMD...: CMD's output goes to $LOGS/STEP.log; on failure, its tail and one error line
 run() {
@@ -82,11 +88,8 @@ run() {
     fi
 }
 
-need_root() { [[ $(id -u) -eq 0 ]] || rc=3 die "$1 needs root"; }
-
 APT_UPDATED=0
 apt_install() {
-    need_root "installing $*"
     command -v apt-get >/dev/null || rc=3 die "no apt-get here: install $* yourself"
     if ((!APT_UPDATED)); then run apt-update 600 apt-get update -q; APT_UPDATED=1; fi
     say "apt-get install $*"
@@ -110,18 +113,25 @@ stop_our_engine() {
 if ((stop_engine)); then stop_our_engine; exit 0; fi
 
 OUR_HOST=unix://$STATE/docker.sock
-engine() {
+answering_engine() {
     local h v
-    command -v docker >/dev/null || apt_install docker.io
     for h in ${DOCKER_HOST:-} unix:///var/run/docker.sock "$OUR_HOST"; do
-        if v=$(answers "$h") && [[ -n $v ]]; then export DOCKER_HOST=$h; say "engine $h (Docker $v)"; return; fi
+        if v=$(answers "$h") && [[ -n $v ]]; then export DOCKER_HOST=$h; say "engine $h (Docker $v)"; return 0; fi
     done
+    return 1
+}
+engine() {
+    local v
+    command -v docker >/dev/null || apt_install docker.io
+    answering_engine && return
     [[ -n ${DOCKER_HOST:-} ]] && die "DOCKER_HOST=$DOCKER_HOST does not answer (unset it to let this script start an engine)"
-    command -v dockerd >/dev/null || apt_install docker.io
-    need_root "starting dockerd"
+    if ! command -v dockerd >/dev/null; then
+        apt_install docker.io
+        answering_engine && return  # with systemd, installing docker.io starts docker.service
+    fi
     say "starting dockerd (data root $STATE/data, socket $OUR_HOST, log $STATE/dockerd.log)"
     setsid dockerd --data-root "$STATE/data" --exec-root "$STATE/exec" --pidfile "$STATE/dockerd.pid" \
-        -H "$OUR_HOST" >>"$STATE/dockerd.log" 2>&1 </dev/null &
+        -H "$OUR_HOST" >>"$STATE/dockerd.log" 2>&1 </dev/null 9>&- &
     local pid=$! deadline=$((SECONDS + 60))
     until v=$(answers "$OUR_HOST") && [[ -n $v ]]; do
         if ! kill -0 $pid 2>/dev/null; then tail -n 5 "$STATE/dockerd.log" >&2; die "dockerd exited (log: $STATE/dockerd.log)"; fi
@@ -176,6 +186,7 @@ base_image() {
 }
 
 # -- 3. the wheelhouse --------------------------------------------------------------------------------------
+wheels() { local w=("$1"/*.whl); echo "${#w[@]}"; }
 wheelhouse() {
     local wh=$CACHE/wheelhouse arch reqs
     arch=$(uname -m)
@@ -186,9 +197,8 @@ doc = tomllib.load(open(sys.argv[1], "rb"))
 print("\n".join([*doc["project"]["dependencies"], *doc["build-system"]["requires"], "pip"]))
 EOF
     ) || rc=3 die "cannot read pyproject.toml with this python3 (Python >= 3.11 is required)"
-    reqs=$(sed 's/ *#.*//' <<<"$reqs")
     if [[ -f $wh/.requirements && $(cat "$wh/.requirements") == "$PY_VERSION $arch"$'\n'"$reqs" ]]; then
-        say "wheelhouse $wh ($(ls "$wh"/*.whl | wc -l) wheels, made before)"
+        say "wheelhouse $wh ($(wheels "$wh") wheels, made before)"
         return
     fi
     local pip=$CACHE/pip-venv/bin/pip
@@ -203,7 +213,7 @@ EOF
         --implementation cp --abi "cp${PY_VERSION/./}" --platform "manylinux2014_$arch" \
         --platform "manylinux_2_17_$arch" --platform "manylinux_2_28_$arch" "${reqarr[@]}"
     printf '%s\n%s\n' "$PY_VERSION $arch" "$reqs" >"$wh/.requirements"
-    say "wheelhouse $wh ($(ls "$wh"/*.whl | wc -l) wheels)"
+    say "wheelhouse $wh ($(wheels "$wh") wheels)"
 }
 
 # -- 4. the image -----------------------------------------------------------------------------------------------
@@ -261,7 +271,6 @@ migrate() {
     src=$(container source) || die "no source container"
     wait_healthy "$src" 180
     if [[ -n $rate ]]; then
-        need_root "--rate (tc in the containers' network namespaces)"
         command -v tc >/dev/null || apt_install iproute2
         limit_link "$src" source
         say "link limited: tbf $rate on source's eth0"

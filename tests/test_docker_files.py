@@ -192,7 +192,8 @@ def test_compose_file_shape() -> None:
         # least privilege: nothing beyond Docker's defaults is granted anywhere...
         assert not svc.get("privileged") and not svc.get("cap_add") and not svc.get("devices"), name
         assert service_caps(svc) == set(), f"{name} keeps capabilities it does not need"
-        assert "no-new-privileges:true" in svc["security_opt"], name
+        # `=`, not `:` (dockerd warns that the `:` form is deprecated)
+        assert "no-new-privileges=true" in svc["security_opt"], name
     # ...but the destination's seccomp profile, which is the one extra it needs
     assert service_seccomp(src) is None
     assert service_seccomp(dst) == PROFILE.resolve()
