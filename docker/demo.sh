@@ -167,8 +167,12 @@ base_image() {
     if have_image "$LOCAL_BASE"; then BASE=$LOCAL_BASE OFFLINE=1; say "base image $BASE (made before)"; return; fi
     if have_image debian:12-slim; then BASE=debian:12-slim; say "base image $BASE (here already)"; return; fi
     say "pulling debian:12-slim (60 s at most)"
-    if timeout 60 docker pull -q debian:12-slim >"$LOGS/pull.log" 2>&1; then BASE=debian:12-slim; say "base image $BASE (pulled)"; return; fi
-    say "no registry answers ($(tail -n1 "$LOGS/pull.log" | cut -c1-100)); making $LOCAL_BASE from Debian packages"
+    local pulled=0
+    timeout 60 docker pull -q debian:12-slim >"$LOGS/pull.log" 2>&1 || pulled=$?
+    if ((pulled == 0)); then BASE=debian:12-slim; say "base image $BASE (pulled)"; return; fi
+    local why="docker pull failed, see $LOGS/pull.log"
+    ((pulled == 124)) && why="no answer in 60 s"
+    say "no registry answers ($why); making $LOCAL_BASE from Debian packages"
     command -v debootstrap >/dev/null || apt_install debootstrap
     [[ -f /usr/share/keyrings/debian-archive-keyring.gpg ]] || apt_install debian-archive-keyring
     local root=$CACHE/rootfs mirror
