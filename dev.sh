@@ -9,6 +9,9 @@
 # Works on a fresh Debian 12 machine as root: missing system packages (venv,
 # a C compiler for the ABI test, iproute2 for the two-host tests) are
 # installed with apt-get first.
+#
+# Offline, pip reads its own variables: PIP_NO_INDEX=1 PIP_FIND_LINKS=WHEELHOUSE
+# ./dev.sh install installs from a folder of wheels only (docker/Dockerfile does).
 set -euo pipefail
 cd "$(dirname "$0")"
 VENV=.venv
@@ -32,7 +35,9 @@ extra=""
 stamp="$VENV/.installed$extra"
 if [[ ! -x "$VENV/bin/python" ]]; then python3 -m venv "$VENV"; fi
 if [[ ! -f "$stamp" || pyproject.toml -nt "$stamp" ]]; then
-    "$VENV/bin/pip" install -q --upgrade pip >/dev/null
+    # a newer pip is welcome, not needed: offline, or with no pip in the wheelhouse, keep the venv's own
+    "$VENV/bin/pip" install -q --upgrade pip >/dev/null 2>&1 \
+        || echo "dev.sh: could not upgrade pip; going on with $("$VENV/bin/pip" --version | cut -d' ' -f1-2)" >&2
     "$VENV/bin/pip" install -q -e ".$extra"
     touch "$stamp"
 fi

@@ -61,8 +61,9 @@ def explain(err: int) -> tuple[str, str]:
     seccomp = _status_field("Seccomp") == "2"
     if seccomp and err in (errno.EPERM, errno.EACCES, errno.ENOSYS):
         return "seccomp", (
-            "userfaultfd is blocked by a seccomp filter (Seccomp: 2 in /proc/self/status); in a container "
-            "use the profile in docker/seccomp-uffd.json or pass /dev/userfaultfd"
+            "userfaultfd is refused by a seccomp filter (Seccomp: 2 in /proc/self/status), as under Docker's "
+            "default profile; run the container with --security-opt seccomp=docker/seccomp-uffd.json (the "
+            "default profile plus userfaultfd, in the migrator repository) or with --device /dev/userfaultfd"
         )
     if err == errno.ENOSYS:
         return "kernel", "this kernel has no userfaultfd (CONFIG_USERFAULTFD is off)"

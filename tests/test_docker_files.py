@@ -1,16 +1,21 @@
 """docker/: the Dockerfile, the compose file and the seccomp profile, checked without an engine.
 
-* the compose file is the YAML we think it is (``docker compose config`` where the
-  plugin exists, and always a strict subset parser, ``helpers/miniyaml.py``);
+* the compose file is the YAML we think it is (PyYAML, and ``docker compose config``
+  or ``docker-compose config`` where one is installed); its ``${VAR:-default}``
+  values are read with their defaults, as Compose does when VAR is unset;
 * every ``migrator`` command line in it and in the Dockerfile exists in the CLI:
   each option is in ``migrator CMD --help`` and the whole line parses with the
   CLI's own click parser (types and choices included);
-* the image installs the package the README's way (``./dev.sh``), nothing else;
+* the image installs the package the README's way (``./dev.sh``), nothing else,
+  from a registry's ``debian:12-slim`` or offline (a local base image and a
+  wheelhouse: build arguments);
 * the seccomp profile is valid and allows userfaultfd;
 * and the privileges the compose file gives each container are enough, and the
   profile is needed: ``helpers/container_sim.py`` applies the same capabilities,
   no_new_privs, seccomp profile and missing /dev/userfaultfd to plain processes,
   and a whole migration runs under them between two network-namespace hosts.
+
+``test_docker_demo.py`` builds the image and runs the compose file with a real engine.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import ctypes.util
 import json
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -27,8 +33,9 @@ from typing import Any
 
 import click
 import pytest
+import yaml
 
-from helpers import miniyaml, procs
+from helpers import procs
 from helpers.netns import SRC_ADDR, TwoHosts, two_hosts  # noqa: F401 - fixture
 
 REPO = Path(__file__).resolve().parent.parent
@@ -46,9 +53,24 @@ DOCKER_DEFAULT_CAPS = {
 
 
 # -- reading the files ------------------------------------------------------------------------
+_VAR = re.compile(r"\$\{(\w+)(?::?([-?])([^}]*))?\}")
+
+
+def interpolate(value: Any) -> Any:
+    """``${VAR:-default}`` as Compose reads it with VAR unset (``${VAR:?msg}`` stays: it needs VAR)."""
+    if isinstance(value, str):
+        return _VAR.sub(lambda m: m.group(3) if m.group(2) == "-" else m.group(0), value)
+    if isinstance(value, list):
+        return [interpolate(v) for v in value]
+    if isinstance(value, dict):
+        return {k: interpolate(v) for k, v in value.items()}
+    return value
+
+
 def compose() -> dict[str, Any]:
-    doc: dict[str, Any] = miniyaml.loads(COMPOSE.read_text())
-    return doc
+    doc = yaml.safe_load(COMPOSE.read_text())
+    assert isinstance(doc, dict), COMPOSE
+    return dict(interpolate(doc))
 
 
 def dockerfile() -> list[tuple[str, str]]:
@@ -133,15 +155,27 @@ def option_value(argv: list[str], name: str) -> str:
 
 
 # -- the compose file -------------------------------------------------------------------------
+def compose_commands() -> list[list[str]]:
+    """The Compose commands installed here: ``docker compose`` (v2) and ``docker-compose`` (v1)."""
+    found = []
+    for cmd in (["docker", "compose"], ["docker-compose"]):
+        if shutil.which(cmd[0]) is None:
+            continue
+        probe = subprocess.run([*cmd, "version"], capture_output=True, text=True, timeout=30)
+        if probe.returncode == 0:
+            found.append(cmd)
+    return found
+
+
 def test_compose_config_with_docker_compose() -> None:
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("no docker client here")
-    probe = subprocess.run([docker, "compose", "version"], capture_output=True, text=True, timeout=30)
-    if probe.returncode != 0:
-        pytest.skip(f"`docker compose` is not available here: {probe.stderr.strip().splitlines()[:1]}")
-    r = subprocess.run([docker, "compose", "-f", str(COMPOSE), "config", "--quiet"], capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
+    commands = compose_commands()
+    if not commands:
+        pytest.skip("neither `docker compose` nor `docker-compose` is installed here")
+    for cmd in commands:
+        # from docker/, as docker/demo.sh runs it: v1 reads the seccomp profile relative to
+        # the working directory, v2 relative to the compose file
+        r = subprocess.run([*cmd, "-f", COMPOSE.name, "config", "--quiet"], capture_output=True, text=True, timeout=60, cwd=DOCKER)
+        assert r.returncode == 0, f"{' '.join(cmd)}: {r.stderr}"
 
 
 def test_compose_file_shape() -> None:
@@ -158,7 +192,8 @@ def test_compose_file_shape() -> None:
         # least privilege: nothing beyond Docker's defaults is granted anywhere...
         assert not svc.get("privileged") and not svc.get("cap_add") and not svc.get("devices"), name
         assert service_caps(svc) == set(), f"{name} keeps capabilities it does not need"
-        assert "no-new-privileges:true" in svc["security_opt"], name
+        # `=`, not `:` (dockerd warns that the `:` form is deprecated)
+        assert "no-new-privileges=true" in svc["security_opt"], name
     # ...but the destination's seccomp profile, which is the one extra it needs
     assert service_seccomp(src) is None
     assert service_seccomp(dst) == PROFILE.resolve()
@@ -170,7 +205,7 @@ def test_compose_file_shape() -> None:
     assert option_value(src["command"], "--ready-file") in src["healthcheck"]["test"]
     assert dst["healthcheck"]["test"] == ["CMD", "migrator", "dest", "--check"]
     assert src["command"][:5] == ["source", "--listen", "0.0.0.0:7000", "--ram", "256MiB"]
-    assert dst["command"] == ["dest", "--source", "source:7000", "--run-for", "5"]
+    assert dst["command"] == ["dest", "--source", "source:7000", "--compress", "auto", "--run-for", "5"]
     assert doc["networks"]["migration"].get("internal") is True  # no route anywhere but between the two
 
 
@@ -204,24 +239,33 @@ def test_migrator_lines_exist_in_the_cli(where: str, argv: list[str]) -> None:
 # -- the Dockerfile --------------------------------------------------------------------------------
 def test_dockerfile_installs_the_readme_way() -> None:
     readme, dev_sh = (REPO / "README.md").read_text(), (REPO / "dev.sh").read_text()
-    (base,) = instructions("FROM")
-    assert base.startswith("debian:12"), "the README's install starts from a fresh Debian 12"
+    # a registry's Debian 12 by default; a local base image (offline) by build argument
+    assert dockerfile()[0] == ("ARG", "BASE=debian:12-slim")
+    froms = instructions("FROM")
+    assert froms[0] == "${BASE} AS runtime" and froms[-1] == "runtime", froms
+    # no `# syntax=` line: BuildKit would fetch that frontend from a registry, and offline it cannot
+    assert "# syntax" not in DOCKERFILE.read_text()
     runs = " ".join(instructions("RUN"))
     # the one installer is the README's: ./dev.sh (venv + pip install -e .)
     assert dev_sh_runs() == [["install"]], dev_sh_runs()
     assert "./dev.sh demo" in readme
     for other in ("pip install", "pip3 install", "-m venv", "setup.py"):
         assert other not in runs, f"the Dockerfile installs on its own ({other!r}); dev.sh must do it"
-    # the console script it puts on PATH is the one dev.sh installs
+    # offline, pip reads the wheelhouse and nothing else, through its own variables
+    assert instructions("ARG") == ["BASE=debian:12-slim", "WHEELHOUSE="]
+    assert 'PIP_NO_INDEX=1 PIP_FIND_LINKS="/opt/migrator/$WHEELHOUSE"' in runs
+    # the console script it puts on PATH is the one dev.sh installs, in the tree the last stage copies
     assert "VENV=.venv" in dev_sh
-    (workdir,) = instructions("WORKDIR")
+    (workdir,) = set(instructions("WORKDIR"))
     env = " ".join(instructions("ENV"))
     assert f"PATH={workdir}/.venv/bin:$PATH" in env
-    assert ["COPY", ". ."] in [[i, a] for i, a in dockerfile()]
+    copies = [a for i, a in dockerfile() if i == "COPY"]
+    assert copies == [". .", f"--from=install {workdir} {workdir}"], copies
     assert entrypoint() == ["migrator"]
     # a host's .venv must not reach the image (dev.sh would take it for an install)
-    ignore = (DOCKER / "Dockerfile.dockerignore").read_text().split()
-    assert ".venv" in ignore and ".git" in ignore
+    for ignore_file in (DOCKER / "Dockerfile.dockerignore", REPO / ".dockerignore"):
+        ignore = ignore_file.read_text().split()
+        assert ".venv" in ignore and ".git" in ignore, ignore_file
 
 
 # -- the seccomp profile ---------------------------------------------------------------------------

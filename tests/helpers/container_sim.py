@@ -9,7 +9,7 @@ here by hand (root only, x86_64 or any arch libseccomp knows):
   file's ``cap_drop: [ALL]``); they are removed from the bounding, inheritable
   and ambient sets, so the exec'd command runs as uid 0 without, in particular,
   CAP_SYS_PTRACE — as container root does;
-* ``no_new_privs`` (the compose file's ``no-new-privileges:true``);
+* ``no_new_privs`` (the compose file's ``no-new-privileges=true``);
 * the seccomp profile, a Docker/moby JSON profile, compiled with libseccomp under
   Docker's rules: ``includes``/``excludes`` by arch, capabilities and minimum
   kernel, argument filters, ``errnoRet``; a name this arch does not have is
