@@ -21,10 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import h2.errors
 import pytest
 import zstandard
 
 from migrator import PROTOCOL_VERSION
+from migrator.dest.source_client import CHANNEL_OPTIONS
+from migrator.source.guard import server_options
 from migrator.wire import migration_pb2 as pb
 from migrator.wire import migration_pb2_grpc as pb_grpc
 from tests.conftest import require_userfaultfd
@@ -210,6 +213,47 @@ def test_silent_and_byte_at_a_time_connections_are_closed(target: dict) -> None:
     assert _describe_ms(t) < 1000
     _figure(t, f"silent connections: {r.calls} closed within {HANDSHAKE_TIMEOUT_S:g} s + slack; {slow.note}; "
                f"fds {fds0} -> {nfds(t['pid'])}")
+
+
+def test_keepalive_pings_are_welcome_and_ping_floods_are_sent_away(target: dict) -> None:
+    """The destination's keepalive (one PING a second, no data: e.g. while the source
+    pauses a slow guest) never earns a GOAWAY; a PING flood does (ENHANCE_YOUR_CALM).
+
+    The server's ping policy is a set of channel arguments gRPC ignores silently when
+    misspelt: with the default policy (one PING per 5 min without data) a call left
+    waiting ~6 s was sent away, which a stalled guest's pause made happen."""
+    t = target
+    keepalive_s = dict(CHANNEL_OPTIONS)["grpc.keepalive_time_ms"] / 1000
+    calm = attacker.H2Client(t["address"], t["tls"])
+    try:
+        for _ in range(10):
+            calm.ping()
+            calm.pump(keepalive_s)
+        assert not calm.closed and calm.goaway is None, f"keepalive pings sent away (GOAWAY {calm.goaway})"
+    finally:
+        calm.close()
+    flood = attacker.H2Client(t["address"], t["tls"])
+    try:
+        for _ in range(200):
+            flood.ping()
+            flood.pump(0.005)
+            if flood.closed:
+                break
+        assert flood.goaway == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM, f"a ping flood was not sent away ({flood.goaway})"
+    finally:
+        flood.close()
+    assert _describe_ms(t) < 1000
+    _figure(t, f"PING every {keepalive_s:g} s for 10 s: kept; PING flood: GOAWAY ENHANCE_YOUR_CALM")
+
+
+def test_every_grpc_option_is_one_grpc_knows() -> None:
+    """gRPC ignores channel arguments it does not know, silently: every name we set
+    must appear in its core library (the one that reads them)."""
+    core = Path(grpc.__file__).parent / "_cython"
+    text = b"".join(p.read_bytes() for p in core.glob("cygrpc*.so"))
+    names = {k for k, _ in CHANNEL_OPTIONS} | {k for k, _ in server_options(1 << 18, 4096, 128)}
+    unknown = sorted(n for n in names if n.encode() + b"\0" not in text)
+    assert not unknown, f"gRPC does not know these options: {unknown}"
 
 
 def test_refusals_are_logged_rate_limited(target: dict) -> None:

@@ -84,7 +84,7 @@ def server_options(npages: int, page_size: int, max_batch_pages: int) -> list[tu
         ("grpc.keepalive_time_ms", 1000),
         ("grpc.keepalive_timeout_ms", 2000),
         ("grpc.keepalive_permit_without_calls", 1),
-        ("grpc.http2.min_recv_ping_interval_without_data_ms", 100),
+        ("grpc.http2.min_ping_interval_without_data_ms", 100),
         # a peer pinging faster than that is struck, five times, then sent away (a ping flood)
         ("grpc.http2.max_ping_strikes", 5),
     ] + [(k, int(v)) for k, v in (kv.split("=") for kv in os.environ.get("MIGRATOR_XOPTS", "").split(",") if kv)]

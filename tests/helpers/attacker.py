@@ -55,6 +55,7 @@ class H2Client:
         self.flush()
         self.status: dict[int, str] = {}  # stream -> grpc-status, once answered
         self.closed = False
+        self.goaway: int | None = None  # the error code of the server's GOAWAY, once received
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -80,6 +81,11 @@ class H2Client:
             return n
         except (h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError, OSError):
             return 0
+
+    def ping(self) -> None:
+        """An HTTP/2 PING (what a keepalive sends when the connection has no data)."""
+        self.conn.ping(struct.pack(">Q", time.monotonic_ns()))
+        self.flush()
 
     def reset(self, sid: int) -> None:
         with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
@@ -119,6 +125,7 @@ class H2Client:
                 elif isinstance(ev, h2.events.DataReceived):
                     self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
                 elif isinstance(ev, h2.events.ConnectionTerminated):
+                    self.goaway = int(ev.error_code) if ev.error_code is not None else 0
                     self.closed = True
             with contextlib.suppress(OSError):
                 self.flush()
