@@ -26,6 +26,7 @@ import sys
 import time
 from typing import Any
 
+from guest_sim import pages
 from guest_sim.ram import GuestRam
 from guest_sim.vcpu import PauseControl, Vcpu, VcpuConfig, VcpuState, load_blob, state_blob
 
@@ -110,6 +111,79 @@ class Guest:
             self.cfg.write_permille = int(round(float(msg["write_ratio"]) * 1000))
         return {"ok": True}
 
+    # -- the guest changes its own memory (issue 11: what a balloon, a fork, a remap do) -----
+    def _paused(self, fn: Any) -> dict[str, Any]:
+        """Run ``fn`` with the vCPUs parked (they must not touch a range while it moves)."""
+        running = bool(self.vcpus) and not self.ctl.pause_req
+        if running and not self.ctl.pause(10.0, sum(v.is_alive() for v in self.vcpus)):
+            return {"ok": False, "error": "vCPUs did not park within the timeout"}
+        try:
+            return {"ok": True, **(fn() or {})}
+        except (OSError, ValueError) as exc:
+            return {"ok": False, "error": str(exc)}
+        finally:
+            if running:
+                self.ctl.resume()
+
+    def cmd_discard(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self._paused(lambda: self.ram.discard(int(msg["first"]), int(msg["count"])))
+
+    def cmd_map_over(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self._paused(lambda: self.ram.map_over(int(msg["first"]), int(msg["count"])))
+
+    def cmd_remap(self, msg: dict[str, Any]) -> dict[str, Any]:
+        return self._paused(lambda: {"address": self.ram.remap(int(msg["first"]), int(msg["count"]))})
+
+    def cmd_read_page(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Read one page the way a vCPU does (it may fault) and check it against the table."""
+        idx = int(msg["page"])
+        page, version = self._read(idx)
+        return {"ok": True, "check": pages.check_page(page, idx, version), "zero": page == bytes(len(page))}
+
+    def cmd_syscall_read(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """write(2) one page of RAM to a pipe: the kernel reads guest RAM on the guest's
+        behalf (a fault in kernel mode).  Then check what came out of the pipe."""
+        idx = int(msg["page"])
+        ps = self.ram.page_size
+        r, w = os.pipe()
+        try:
+            os.set_blocking(w, True)
+            try:
+                written = os.write(w, (ctypes.c_char * ps).from_address(self.ram.page_addr[idx]))
+            except OSError as exc:
+                return {"ok": True, "errno": exc.errno, "error": exc.strerror}
+            data = os.read(r, ps)
+        finally:
+            os.close(r)
+            os.close(w)
+        version = self._version(idx)
+        return {"ok": True, "written": written, "check": pages.check_page(data, idx, version)}
+
+    def cmd_fork_read(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """fork() a child that reads one page of RAM; say how the child fared."""
+        addr, ps = self.ram.page_addr[int(msg["page"])], self.ram.page_size
+        pid = os.fork()
+        if pid == 0:  # the child: read the page, exit 0 if it could
+            buf = (ctypes.c_char * ps)()
+            ctypes.memmove(buf, addr, ps)
+            os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):
+            return {"ok": True, "child": signal.Signals(os.WTERMSIG(status)).name}
+        return {"ok": True, "child": f"exit {os.WEXITSTATUS(status)}"}
+
+    def _version(self, idx: int) -> int:
+        ver = ctypes.c_uint32()
+        ctypes.memmove(ctypes.byref(ver), self.ram.table_addr + 4 * idx, 4)
+        return ver.value
+
+    def _read(self, idx: int) -> tuple[bytes, int]:
+        ps = self.ram.page_size
+        buf = (ctypes.c_char * ps)()
+        version = self._version(idx)
+        ctypes.memmove(buf, self.ram.page_addr[idx], ps)
+        return bytes(buf), version
+
 
 def _hello(guest: Guest, incoming: bool) -> dict[str, Any]:
     r = guest.ram
@@ -132,6 +206,12 @@ def _serve(guest: Guest, sock: socket.socket) -> int:
         "stats": guest.cmd_stats,
         "verify": guest.cmd_verify,
         "set": guest.cmd_set,
+        "discard": guest.cmd_discard,
+        "map-over": guest.cmd_map_over,
+        "remap": guest.cmd_remap,
+        "read-page": guest.cmd_read_page,
+        "syscall-read": guest.cmd_syscall_read,
+        "fork-read": guest.cmd_fork_read,
     }
     f = sock.makefile("rb")
     for line in f:
@@ -183,10 +263,10 @@ def main(argv: list[str] | None = None) -> int:
     sock.connect(args.control)
     hello = _hello(guest, args.incoming)
     if args.incoming:
-        from migrator.uffd.fd import create_userfaultfd
+        from migrator.uffd.fd import create_uffd
 
         try:
-            ufd = create_userfaultfd()
+            ufd, hello["uffd_mode"] = create_uffd()
         except OSError as exc:
             hello["error"] = f"cannot create a userfaultfd: {exc.strerror or exc}"
             hello["errno"] = exc.errno

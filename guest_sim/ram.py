@@ -42,9 +42,15 @@ class GuestRam:
         # Keep every page a 4 KiB page so that "never touched" in pagemap is
         # exact for the source and faults arrive per page on the destination.
         self.map.madvise(mmap.MADV_NOHUGEPAGE)
+        # A child the guest forks does not inherit its RAM (QEMU's choice for guest
+        # RAM too): a child reading it gets SIGSEGV, never a page that is missing
+        # on a destination (it would read zeros where the guest has data).
+        self.map.madvise(mmap.MADV_DONTFORK)
         self._anchor = ctypes.c_char.from_buffer(self.map)
         self.addr = ctypes.addressof(self._anchor)
         self.table_addr = self.addr  # the version table is at the start of RAM
+        # where each page is now (mremap moves some): the vCPUs look their pages up here
+        self.page_addr = array("Q", range(self.addr, self.addr + size, page_size))
 
     def fill(self, zero_pct: int, text_pct: int, seed: int) -> int:
         """Initial contents: every non-zero-kind data page at version 1.
@@ -79,7 +85,7 @@ class GuestRam:
         errors: list[str] = []
         nerr = 0
         for idx in range(self.first_data, self.npages):
-            memmove(buf, self.addr + idx * ps, ps)
+            memmove(buf, self.page_addr[idx], ps)
             err = pages.check_page(bytes(buf), idx, versions[idx])
             if err:
                 nerr += 1
@@ -88,3 +94,57 @@ class GuestRam:
         if nerr > len(errors):
             errors.append(f"... and {nerr - len(errors)} more")
         return self.npages - self.first_data, errors
+
+    # -- the guest changes its own memory (vCPUs paused by the caller) -------------------
+    def _data_range(self, first: int, count: int) -> None:
+        if count < 1 or first < self.first_data or first + count > self.npages:
+            raise ValueError(f"pages {first}+{count} are not data pages ({self.first_data}..{self.npages - 1})")
+        run = self.page_addr[first : first + count]
+        if any(b - a != self.page_size for a, b in zip(run, run[1:])):
+            raise ValueError(f"pages {first}+{count} are not contiguous in memory")
+
+    def _forget(self, first: int, count: int) -> None:
+        """Pages whose contents the guest gave up: they read as zeros (version 0) from now on."""
+        zero = ctypes.c_uint32(0)
+        for idx in range(first, first + count):
+            memmove(self.table_addr + 4 * idx, ctypes.byref(zero), 4)
+
+    def discard(self, first: int, count: int) -> None:
+        """madvise(MADV_DONTNEED): a balloon or free-page reporting gives these pages back."""
+        self._data_range(first, count)
+        if _libc.madvise(ctypes.c_void_p(self.page_addr[first]), count * self.page_size, MADV_DONTNEED):
+            raise OSError(ctypes.get_errno(), "madvise(MADV_DONTNEED)")
+        self._forget(first, count)
+
+    def map_over(self, first: int, count: int) -> None:
+        """mmap(MAP_FIXED) a fresh anonymous mapping over these pages: no longer the RAM they were."""
+        self._data_range(first, count)
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_FIXED
+        got = _libc.mmap(ctypes.c_void_p(self.page_addr[first]), count * self.page_size,
+                         mmap.PROT_READ | mmap.PROT_WRITE, flags, -1, 0)  # fmt: skip
+        if got in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap(MAP_FIXED)")
+        self._forget(first, count)
+
+    def remap(self, first: int, count: int) -> int:
+        """mremap these pages elsewhere; they keep their contents.  Returns the new address."""
+        self._data_range(first, count)
+        length = count * self.page_size
+        spot = _libc.mmap(None, length, PROT_NONE, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+        if spot in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mmap (a place to move to)")
+        new = _libc.mremap(ctypes.c_void_p(self.page_addr[first]), length, length,
+                           MREMAP_MAYMOVE | MREMAP_FIXED, ctypes.c_void_p(spot))  # fmt: skip
+        if new in (None, ctypes.c_void_p(-1).value):
+            raise OSError(ctypes.get_errno(), "mremap")
+        self.page_addr[first : first + count] = array("Q", range(new, new + length, self.page_size))
+        return int(new)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_libc.mremap.restype = ctypes.c_void_p
+_libc.mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+MADV_DONTNEED, MAP_FIXED, MREMAP_MAYMOVE, MREMAP_FIXED, PROT_NONE = 4, 0x10, 1, 2, 0

@@ -76,7 +76,7 @@ class Vcpu(threading.Thread):
         rnd = random.Random(st.rng)
         if owned == 0:
             return
-        base, table = ram.addr, ram.table_addr
+        table, page_addr = ram.table_addr, ram.page_addr
         perf = time.perf_counter_ns
         pace_t0, pace_ops = perf(), 0  # --rate: the schedule restarts after every pause
         while True:
@@ -97,7 +97,8 @@ class Vcpu(threading.Thread):
             idx = workload.slot_to_page(slot, ram.first_data, self.vid, cfg.nvcpus)
             t0 = perf()
             memmove(ctypes.byref(ver), table + 4 * idx, 4)
-            memmove(cbuf, base + idx * ps, ps)
+            addr = page_addr[idx]
+            memmove(cbuf, addr, ps)
             dt = perf() - t0
             if dt > STALL_NS:
                 st.stalls += 1
@@ -115,7 +116,7 @@ class Vcpu(threading.Thread):
                 v = ver.value + 1
                 kind = pages.page_kind(idx, cfg.zero_pct, cfg.text_pct) or pages.KIND_TEXT
                 pages.build_page(buf, idx, v, kind, self.vid, rnd)
-                memmove(base + idx * ps, cbuf, ps)
+                memmove(addr, cbuf, ps)
                 ver.value = v
                 memmove(table + 4 * idx, ctypes.byref(ver), 4)
                 st.writes += 1

@@ -206,8 +206,10 @@ def source(listen: str, ready_file: str | None, keep_guest: bool, switchover_tim
     if as_json:
         click.echo(json.dumps(result, indent=2))
     else:
+        discarded = result.get("discarded_pages", 0)
         click.echo(f"source: {result['phase']}: served {result['demand_pages']} demand + {result['bulk_pages']} bulk pages, "
-                   f"{result['bytes_sent'] / (1 << 20):.1f} MiB")  # fmt: skip
+                   f"{result['bytes_sent'] / (1 << 20):.1f} MiB"
+                   + (f"; {discarded} pages discarded by the destination's guest (not sent after that)" if discarded else ""))  # fmt: skip
     if result["phase"] not in ("completed", "running"):
         sys.exit(4)
 
@@ -225,6 +227,9 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
         click.option("--no-verify", is_flag=True, help="Skip the guest's full self-check at the end."),
         click.option("--reconnect-deadline", type=click.FloatRange(0), default=300.0, show_default=True,
                      help="Seconds to keep reconnecting to a lost source before giving up."),  # fmt: skip
+        click.option("--balloon", "balloon_pages", type=click.IntRange(0), default=0, show_default=True,
+                     help="Right after the resume the guest gives this many pages back (madvise DONTNEED, as a "
+                          "balloon driver does): they read as zeros and are never copied."),
         click.option("--prefetch-delay", type=click.FloatRange(0), default=0.0, hidden=True,
                      help="Seconds the bulk lanes wait after the resume (to measure faults with an idle bulk)."),
     ]

@@ -61,6 +61,7 @@ class DestConfig:
     progress: bool = True
     verify: bool = True  # pause the guest after completion and let it check every page
     prefetch_delay: float = 0.0  # seconds before the bulk stream starts (0 = at once)
+    balloon_pages: int = 0  # the guest discards this many pages (its last ones) right after the resume
     # nice value of the guest's vCPUs while pages are missing (0 = leave alone); restored after
     guest_nice: int = 10
     secret: str | None = field(default_factory=lambda: os.environ.get(ENV_SECRET) or None, repr=False)

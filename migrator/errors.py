@@ -124,6 +124,10 @@ class GuestGone(UffdError):
     exit_code = 5
 
 
+class Unmapped(UffdError):
+    """ENOENT: no registered mapping there (the guest unmapped or replaced it)."""
+
+
 def uffd_error(op: str, err: int | None, **fields: object) -> UffdError:
     """Map an errno from a userfaultfd ioctl to the matching exception."""
     err = err or 0
@@ -131,6 +135,8 @@ def uffd_error(op: str, err: int | None, **fields: object) -> UffdError:
         return PageExists(f"{op}: page already present", err=err, **fields)
     if err == _errno.EAGAIN:
         return RetryLater(f"{op}: address space changing, retry", err=err, **fields)
+    if err == _errno.ENOENT:
+        return Unmapped(f"{op}: not guest RAM there any more (unmapped)", err=err, **fields)
     if err in (_errno.ESRCH, _errno.ENOSPC):
         return GuestGone(f"{op}: the guest's address space is gone", err=err, **fields)
     return UffdError(f"{op} failed: {os.strerror(err)}", err=err, **fields)

@@ -49,6 +49,7 @@ class Hello:
     tids: list[int]
     uffd: int | None
     ram_fd: int | None = None  # a source guest's RAM (a memfd), to map read-only
+    uffd_mode: str = ""  # "full" or "user-mode only" (see uffd/fd.py:create_uffd)
 
 
 class GuestProcess:
@@ -136,7 +137,7 @@ class GuestProcess:
         return Hello(
             pid=data["pid"], addr=data["addr"], size=data["size"], page_size=data["page_size"],
             table_pages=data["table_pages"], vcpus=data["vcpus"], tids=data.get("tids", []), uffd=uffd,
-            ram_fd=ram_fd,
+            ram_fd=ram_fd, uffd_mode=data.get("uffd_mode", ""),
         )  # fmt: skip
 
     # -- control -----------------------------------------------------------------

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from migrator.errors import MigratorError, UnsupportedHost
 from migrator.uffd import abi
-from migrator.uffd.fd import Userfaultfd, create_userfaultfd
+from migrator.uffd.fd import FULL, MIGRATION_FEATURES, Userfaultfd, create_uffd
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def explain(err: int) -> tuple[str, str]:
 
 def probe() -> ProbeResult:
     try:
-        fd = create_userfaultfd()
+        fd, mode = create_uffd()
     except OSError as exc:
         cause, msg = explain(exc.errno or errno.EPERM)
         return ProbeResult(False, msg, cause)
@@ -89,7 +89,7 @@ def probe() -> ProbeResult:
     m = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     anchor = ctypes.c_char.from_buffer(m)
     try:
-        uffd.api(abi.UFFD_FEATURE_THREAD_ID)
+        uffd.api(MIGRATION_FEATURES)
         features = uffd.supported
         addr = ctypes.addressof(anchor)
         uffd.register(addr, size)
@@ -102,4 +102,10 @@ def probe() -> ProbeResult:
         m.close()
         uffd.close()
     names = [n for bit, n in abi.FEATURE_NAMES.items() if features & bit]
-    return ProbeResult(True, f"userfaultfd ok: MISSING mode, COPY/ZEROPAGE/WAKE; kernel features {' '.join(names)}")
+    if mode != FULL:
+        return ProbeResult(True, (
+            "userfaultfd ok but user-mode only (no CAP_SYS_PTRACE, /dev/userfaultfd not usable): the guest's own "
+            "accesses are served, a system call reading a page still missing fails with EFAULT; run as root with "
+            "CAP_SYS_PTRACE or grant access to /dev/userfaultfd for a full one"), "user-mode-only")  # fmt: skip
+    return ProbeResult(True, f"userfaultfd ok: full (kernel-mode faults too), MISSING mode, COPY/ZEROPAGE/WAKE, "
+                             f"guest memory events; kernel features {' '.join(names)}")  # fmt: skip

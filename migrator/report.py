@@ -55,6 +55,10 @@ def build_summary(out: Outcome, error: str = "") -> Summary:
         guest_errors=guest_errors(out.guest_stats),
         release=out.release.state if out.release is not None else "confirmed",
         error=error,
+        pages_discarded=st.pages_discarded,
+        pages_unmapped=st.pages_unmapped,
+        pages_remapped=st.pages_remapped,
+        uffd_mode=st.uffd_mode or "full",
         extra={
             "faults_spurious": st.faults_spurious,
             "pages_zero_local": st.pages_zero_local,

@@ -45,6 +45,10 @@ class DestStats:
     bulk_batches: int = 0
     wire_bytes: int = 0
     raw_bytes: int = 0
+    pages_discarded: int = 0  # by the guest while pages were missing (EVENT_REMOVE)
+    pages_unmapped: int = 0  # ... no longer guest RAM (EVENT_UNMAP)
+    pages_remapped: int = 0  # ... moved elsewhere (EVENT_REMAP)
+    uffd_mode: str = ""  # "full" or "user-mode only" (uffd/fd.py:create_uffd)
     fault_latency_ns: list[int] = field(default_factory=list)
     fault_done_ns: list[int] = field(default_factory=list)  # perf_counter_ns when each fault was resolved
     bulk_started_ns: int = 0  # perf_counter_ns of the first and last bulk batch
@@ -106,10 +110,20 @@ class Summary:
     guest_errors: list[str]
     release: str = "confirmed"  # the source released its copy (confirmed), or why not yet
     error: str = ""
+    pages_discarded: int = 0
+    pages_unmapped: int = 0
+    pages_remapped: int = 0
+    uffd_mode: str = "full"
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def _guest_changes(self) -> str:
+        """What the guest did to its own memory while pages were missing, if anything."""
+        parts = [f"{n} {what}" for n, what in ((self.pages_discarded, "discarded"), (self.pages_unmapped, "unmapped"),
+                                               (self.pages_remapped, "moved")) if n]  # fmt: skip
+        return f"; by the guest: {', '.join(parts)}" if parts else ""
 
     def to_text(self) -> str:
         mib = self.ram_bytes / (1 << 20)
@@ -119,7 +133,7 @@ class Summary:
             f"downtime        {self.downtime_ms:.1f} ms   (source paused -> destination vCPUs running)",
             f"total time      {self.total_ms:.0f} ms   (source paused -> last page installed), {self.throughput_gbps:.2f} GB/s",
             f"pages           {installed} installed: {self.pages_demand} demand, {self.pages_prefetch} prefetch, "
-            f"{self.pages_zero} zero; {self.duplicates} received twice",
+            f"{self.pages_zero} zero; {self.duplicates} received twice" + self._guest_changes(),
             f"demand faults   {self.faults} faults, {self.demand_requests} requests; latency p50 {self.fault_p50_us:.0f} us, "
             f"p99 {self.fault_p99_us:.0f} us, max {self.fault_max_us:.0f} us",
             f"vCPU blocked    {self.blocked_ms_total:.1f} ms in total ("
@@ -131,6 +145,9 @@ class Summary:
             f"; {self.guest_stalls} accesses stalled > 50 us ({self.guest_stall_ms:.0f} ms)",
             f"source copy     {'released (confirmed by the source)' if self.release == 'confirmed' else 'release ' + self.release}",
         ]
+        if self.uffd_mode and self.uffd_mode != "full":
+            lines.append(f"userfaultfd     {self.uffd_mode}: a system call reading a page still missing fails with EFAULT "
+                         "(run as root, or allow /dev/userfaultfd, for a full one)")  # fmt: skip
         if self.verified_pages:
             lines.append(
                 f"memory verified: {self.verified_pages - len(self.verify_errors)} of {self.verified_pages} pages"

@@ -134,13 +134,21 @@ def _channel(t: dict) -> grpc.Channel:
 
 
 def _describe_ms(t: dict, secret: str | None = None) -> float:
-    """One legitimate call, timed (ms)."""
+    """One legitimate call, timed (ms), retried as a destination does
+    (source_client.py: RESOURCE_EXHAUSTED, every 0.2 s) while a burst of calls holds
+    every worker of the source for a moment."""
     with _channel(t) as ch:
         stub = pb_grpc.MigrationStub(ch)
         t0 = time.perf_counter()
-        stub.Describe(pb.DescribeRequest(protocol_version=PROTOCOL_VERSION),
-                      metadata=(("authorization", f"Bearer {secret or t['secret']}"),), timeout=10)  # fmt: skip
-        return (time.perf_counter() - t0) * 1e3
+        while True:
+            try:
+                stub.Describe(pb.DescribeRequest(protocol_version=PROTOCOL_VERSION),
+                              metadata=(("authorization", f"Bearer {secret or t['secret']}"),), timeout=10)  # fmt: skip
+                return (time.perf_counter() - t0) * 1e3
+            except grpc.RpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.perf_counter() - t0 > 10:
+                    raise
+                time.sleep(0.2)
 
 
 def _migrate(t: dict, name: str) -> tuple[float, dict]:

@@ -75,6 +75,15 @@ class DemandChannel:
                 self._stream.request(rid, first, count)
         self.c.add("demand_requests")
 
+    def discarded(self, first: int, count: int) -> None:
+        """Tell the source the guest gave these pages up (it need not send them).
+        Best effort: a notice lost with a connection only costs wire (the page
+        state keeps them from being installed; a reconnected lane's missing map
+        leaves them out)."""
+        with self._lock:
+            if self._stream is not None:
+                self._stream.discarded(first, count)
+
     def _run(self) -> None:
         set_thread_name("demand-rx")
         backoff = BACKOFF_FIRST_S
@@ -104,10 +113,12 @@ class DemandChannel:
                 backoff = min(backoff * 2, BACKOFF_MAX_S)
                 try:
                     self._open()
-                except MigratorError as err:
-                    if not isinstance(err, TransportError):
+                except TransportError:
+                    pass  # still unreachable: the next turn waits longer
+                except BaseException as err:  # noqa: BLE001 - e.g. the channel closed by stop()
+                    if not self._stopping:
                         self._fatal(err)
-                        return
+                    return
             except BaseException as exc:  # noqa: BLE001 - the session ends the migration
                 if not self._stopping:
                     self._fatal(exc)

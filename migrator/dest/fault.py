@@ -9,8 +9,14 @@ the default (``bench wakeups``: handling a fault never blocks here — a request
 is a queue put — so a second thread only adds wake-ups); the uffd is
 non-blocking, so a thread that loses the race to read just waits again.
 
+The guest's memory events (REMOVE, UNMAP, REMAP: it discarded, unmapped or
+moved part of its RAM) are read with the faults and applied first, with the
+install gate held (``gate.py``); see :meth:`FaultHandler.event`.
+
 Per fault (no thread hand-off on this path; ``pagestate.py`` for the states):
-  page PRESENT     -> UFFDIO_WAKE (an install raced our read)
+  page PRESENT     -> UFFDIO_WAKE (an install raced our read); or, if the kernel
+                      has no page there (the guest discarded it), a zero page
+  page DISCARDED   -> a zero page (what a discarded anonymous page reads as)
   page REQUESTED   -> nothing: the install that is coming wakes the vCPU
   page known zero  -> installed here, without the network
   page MISSING     -> a small window marked REQUESTED, one demand request, and
@@ -31,18 +37,23 @@ import os
 import select
 import threading
 import time
+from array import array
 from collections.abc import Callable
+from contextlib import nullcontext
 
 from migrator import policy
+from migrator.dest.gate import Gate
 from migrator.dest.install import Installer
-from migrator.dest.pagestate import HINTS, MISSING, PRESENT, REQUESTED, ZERO_READY, Counters, PageState
-from migrator.errors import MigratorError
-from migrator.uffd.fd import Fault, Userfaultfd
+from migrator.dest.pagestate import (
+    DISCARDED, EVENTS, GONE, HINTS, MISSING, PRESENT, REMAPS, REQUESTED, ZERO_READY, Counters, PageState,
+)  # fmt: skip
+from migrator.uffd.fd import Event, Fault, Userfaultfd
 from migrator.workers import set_thread_name
 
 
 class FaultHandler:
-    """Decides what a fault needs; called on the fault threads."""
+    """Decides what a fault needs, and applies the guest's memory events; called on
+    the fault threads."""
 
     def __init__(
         self,
@@ -55,28 +66,40 @@ class FaultHandler:
         window: int,
         lane_starts: list[int],
         counters: Counters,
+        discarded: Callable[[int, int], None] = lambda first, count: None,
     ) -> None:
         self.uffd, self.ps, self.installer = uffd, ps, installer
         self.base, self.psize = base, page_size
         self.request = request
+        self.discarded = discarded  # tell the source: (first page, count)
         self.window = window
         self.lane_starts = lane_starts  # first page of each lane, ascending
         self.c = counters
         self.records: list[tuple[int, int, int]] = []  # (page, monotonic ns read, tid)
         self._last_seek = [0.0] * len(lane_starts)
         self._seek_pos = [-1] * len(lane_starts)
+        # where guest RAM is: (start address, end address, first page), by start; one
+        # segment until a remap moves pages
+        self._segs = [(base, base + ps.npages * page_size, 0)]
+        self._seg_starts = [base]
 
+    # -- faults --------------------------------------------------------------------------
     def __call__(self, f: Fault) -> None:
-        page = (f.address - self.base) // self.psize
+        page = self.page_of(f.address)
         ps = self.ps
-        if not 0 <= page < ps.npages:
-            raise MigratorError("fault outside guest RAM", addr=f.address)
         self.c.add("faults")
+        if page is None:  # not guest RAM (any more): let the thread go on (it faults elsewhere)
+            self.c.add("faults_spurious")
+            self.uffd.wake(f.address & ~(self.psize - 1), self.psize)
+            return
         self.records.append((page, time.monotonic_ns(), f.ptid))
         st = ps.state[page]
-        if st == PRESENT:
-            self.c.add("faults_spurious")
-            self.uffd.wake(self.base + page * self.psize, self.psize)
+        if st == PRESENT or st == DISCARDED:
+            # PRESENT: an install raced our read (the kernel has the page: EEXIST, wake),
+            # or the guest discarded it after its install (the kernel has none: zeros).
+            if not self.installer.install_discarded(page, f.write):
+                self.c.add("faults_spurious")
+                self.uffd.wake(self.address(page), self.psize)
         elif st == REQUESTED:
             return
         elif ps.words[ZERO_READY] and ps.zero[page]:
@@ -85,6 +108,19 @@ class FaultHandler:
             n = ps.request_window(page, self.window)
             self.request(page, n)
             self._hint(page + n)
+        else:  # GONE: an address since reused by a mapping of its own
+            self.uffd.wake(f.address & ~(self.psize - 1), self.psize)
+
+    def page_of(self, address: int) -> int | None:
+        """The guest page at ``address`` now, or None outside guest RAM."""
+        i = bisect.bisect_right(self._seg_starts, address) - 1
+        if i < 0:
+            return None
+        start, end, first = self._segs[i]
+        return first + (address - start) // self.psize if address < end else None
+
+    def address(self, page: int) -> int:
+        return self.ps.address(page) or self.base + page * self.psize
 
     def _hint(self, target: int) -> None:
         """Steer the lane that owns ``target`` past the fault (QEMU's spatial hint)."""
@@ -96,12 +132,78 @@ class FaultHandler:
             self._last_seek[lane], self._seek_pos[lane] = now, target
             self.ps.words[HINTS + lane] = target + 1
 
+    # -- the guest's memory events (called with the install gate held: gate.py) ----------
+    def event(self, ev: Event) -> None:
+        """Apply a non-cooperative event (CRIU's uffd.c handles the same three).
+
+        remove: [start, end) reads as zeros from now on: those pages become
+        DISCARDED (never installed from the source again; a fault there gets a
+        zero page) and the threads waiting on them are woken to fault again.
+        unmap: no longer guest RAM: GONE (skipped by every installer).
+        remap: the pages keep their identity at their new address.
+        """
+        ps = self.ps
+        if ev.kind == "remap":
+            self._remap(ev.start, ev.end, ev.length)
+        else:
+            dead = DISCARDED if ev.kind == "remove" else GONE
+            table = _TO_DISCARDED if dead == DISCARDED else _TO_GONE
+            for first, count, addr in self._runs(ev.start, ev.end):
+                before = bytes(ps.state[first : first + count])
+                ps.state[first : first + count] = before.translate(table)
+                newly = count - before.count(GONE) - (before.count(DISCARDED) if dead == DISCARDED else 0)
+                self.c.add("discarded" if dead == DISCARDED else "unmapped", newly)
+                if newly:
+                    self.discarded(first, count)
+                self.uffd.wake(addr, count * self.psize)  # threads waiting on them fault again
+        ps.words[EVENTS] += 1
+
+    def _runs(self, start: int, end: int) -> list[tuple[int, int, int]]:
+        """[(first page, pages, address)] of guest RAM within [start, end)."""
+        out = []
+        for s, e, first in self._segs:
+            lo, hi = max(s, start), min(e, end)
+            if lo < hi:
+                ps = self.psize
+                lo -= (lo - s) % ps
+                out.append((first + (lo - s) // ps, (hi - lo + ps - 1) // ps, lo))
+        return out
+
+    def _remap(self, old: int, new: int, length: int) -> None:
+        ps, psize = self.ps, self.psize
+        addrs = ps.addrs.cast("Q")
+        try:
+            if not ps.words[REMAPS]:  # the first move: every page's address, written out
+                addrs[:] = array("Q", range(self.base, self.base + ps.npages * psize, psize))
+            moved = 0
+            for first, count, addr in self._runs(old, old + length):
+                to = new + (addr - old)
+                addrs[first : first + count] = array("Q", range(to, to + count * psize, psize))
+                moved += count
+        finally:
+            addrs.release()
+        ps.words[REMAPS] += 1
+        self.c.add("remapped", moved)
+        runs = ps.address_runs(0, ps.npages, self.base, psize)
+        self._segs = sorted((a, a + n * psize, p) for p, n, a in runs)
+        self._seg_starts = [s for s, _e, _p in self._segs]
+
+
+_TO_DISCARDED = bytes(GONE if b == GONE else DISCARDED for b in range(256))
+_TO_GONE = bytes(GONE for _ in range(256))
+
 
 class FaultThreads:
-    def __init__(self, uffd: Userfaultfd, handler: Callable[[Fault], None], nthreads: int, on_error: Callable[[BaseException], None]) -> None:
+    """The fault threads: each waits on its own exclusive epoll entry, reads the uffd
+    with the install gate held (so events are applied before any installer looks
+    at a page again), then handles the faults it read, gate released."""
+
+    def __init__(self, uffd: Userfaultfd, handler: FaultHandler, nthreads: int, on_error: Callable[[BaseException], None],
+                 gate: Gate | None = None, lanes: int = 0) -> None:  # fmt: skip
         self.uffd = uffd
         self.handler = handler
         self.on_error = on_error
+        self.gate, self.lanes = gate, lanes
         self._stopfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._threads = [threading.Thread(target=self._run, args=(i,), name=f"fault-{i}", daemon=True) for i in range(nthreads)]
         self._ready = threading.Barrier(nthreads + 1)
@@ -118,12 +220,21 @@ class FaultThreads:
             ep.register(self.uffd.fd, select.EPOLLIN | select.EPOLLEXCLUSIVE)
             ep.register(self._stopfd, select.EPOLLIN)
             self._ready.wait(timeout=10)
-            stopfd, read_faults, handle = self._stopfd, self.uffd.read_faults, self.handler
+            stopfd, read, handle, apply = self._stopfd, self.uffd.read_messages, self.handler, self.handler.event
+            gate, lanes = self.gate, self.lanes
             while True:
                 events = ep.poll()
                 if any(fd == stopfd for fd, _ in events):
                     return
-                for f in read_faults():
+                with gate.reading(lanes) if gate is not None else nullcontext():
+                    msgs = read()
+                    faults = []
+                    for m in msgs:
+                        if isinstance(m, Fault):
+                            faults.append(m)
+                        else:
+                            apply(m)
+                for f in faults:
                     handle(f)
         except BaseException as exc:  # noqa: BLE001 - reported to the session, which ends the migration
             self.on_error(exc)

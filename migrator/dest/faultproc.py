@@ -21,6 +21,7 @@ from typing import Any
 
 from migrator.dest.demand import DemandChannel, describe_error
 from migrator.dest.fault import FaultHandler, FaultThreads
+from migrator.dest.gate import Gate
 from migrator.dest.install import Installer
 from migrator.dest.pagestate import PageState
 from migrator.dest.local_source import open_page_source
@@ -37,7 +38,9 @@ def main() -> int:
     ps = PageState.attach(int(cfg["shm_fd"]), npages)
     uffd = Userfaultfd(int(cfg["uffd_fd"]))
     counters = ps.counters(int(cfg["slot"]))
-    installer = Installer(uffd, ps, base, psize, counters)
+    gate = Gate(int(cfg["shm_fd"]), ps.words)
+    lanes = len(cfg["lane_starts"])
+    installer = Installer(uffd, ps, base, psize, counters, gate, 0)
     source = open_page_source(cfg["source"])
     try:
         source.ready(timeout=float(cfg.get("connect_timeout", 10)))
@@ -46,8 +49,9 @@ def main() -> int:
         return 4
     demand = DemandChannel(source, installer, ps, counters, side.event)
     handler = FaultHandler(uffd, ps, installer, base, psize, demand.request, int(cfg["window"]),
-                           [int(x) for x in cfg["lane_starts"]], counters)  # fmt: skip
-    faults = FaultThreads(uffd, handler, int(cfg["fault_threads"]), lambda exc: side.event("fatal", **describe_error(exc)))
+                           [int(x) for x in cfg["lane_starts"]], counters, demand.discarded)  # fmt: skip
+    faults = FaultThreads(uffd, handler, int(cfg["fault_threads"]), lambda exc: side.event("fatal", **describe_error(exc)),
+                          gate, lanes)  # fmt: skip
     faults.start()
     side.event("ready")
 

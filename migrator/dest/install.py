@@ -8,29 +8,32 @@ Then every page the batch carries that is not PRESENT yet is installed, in
 contiguous runs, one ioctl per run, straight from the received message (no
 copy: ``wire/fastbatch.py``).  Races with other installers (another process's
 copy of the same page) are settled by the kernel: ``EEXIST`` means the page is
-already there (counted as a duplicate, skipped), ``EAGAIN`` means the address
-space is changing (retried).  ``UFFDIO_COPY`` wakes the vCPUs waiting on the
-range.  See ``pagestate.py`` for why this needs no lock.
+already there (counted as a duplicate, skipped).  ``EAGAIN`` means the guest's
+address space is changing (a memory event is queued): the installer lets its
+gate go, waits for the fault process to read the events, and checks again
+(``gate.py``: why a check and its ioctl happen under the gate).
+``UFFDIO_COPY`` wakes the vCPUs waiting on the range.
 """
 
 from __future__ import annotations
 
 import ctypes
-import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import xxhash
 import zstandard
 
 from migrator import policy
-from migrator.dest.pagestate import PRESENT, Counters, PageState
-from migrator.errors import IntegrityError, PageExists, ProtocolError, RetryLater
+from migrator.dest.gate import CHUNK_PAGES, Gate, wait_for_events
+from migrator.dest.pagestate import EVENTS, PRESENT, Counters, PageState
+from migrator.errors import IntegrityError, PageExists, ProtocolError, RetryLater, Unmapped
 from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO, VALID_FLAGS
 from migrator.uffd.fd import Userfaultfd
 from migrator.wire import fastbatch
 from migrator.wire import migration_pb2 as pb
 
-MAX_EAGAIN = 1000
+MAX_WAITS = 50  # times 0.2 s at most each (wait_for_events)
 
 
 def buffer_address(data: bytes) -> int:
@@ -48,8 +51,10 @@ class Decoded:
 
 
 class Installer:
-    def __init__(self, uffd: Userfaultfd, ps: PageState, base: int, page_size: int, counters: Counters) -> None:
+    def __init__(self, uffd: Userfaultfd, ps: PageState, base: int, page_size: int, counters: Counters,
+                 gate: Gate | None = None, slot: int = 0) -> None:  # fmt: skip
         self.uffd = uffd
+        self.gate, self.slot = gate, slot  # None: no events to wait for (a uffd without EVENT_* features)
         self.ps = ps
         self.base = base
         self.psize = page_size
@@ -116,28 +121,45 @@ class Installer:
 
     # -- installing -------------------------------------------------------------
     def install(self, d: Decoded, channel: str) -> int:
-        """Install the pages of a validated batch that are not present yet; returns pages installed."""
+        """Install the pages of a validated batch that are still to install (not present,
+        not discarded or unmapped by the guest); returns pages installed.  In chunks of
+        ``CHUNK_PAGES``, each checked and installed with this installer's gate held."""
         b = d.batch
         first, flags, n = b.first_page, b.flags, b.count
-        mask = self.ps.not_present_mask(first, n)
-        received = n - flags.count(FLAG_OMITTED)
-        if mask.count(0):  # some are here already: install only the others
-            kind = (int.from_bytes(flags, "little") & int.from_bytes(mask, "little")).to_bytes(n, "little")
-        else:
-            kind = flags
         ps = self.psize
-        n_data = n_zero = 0
-        for value, i, j in policy.value_runs(kind):
-            if value == FLAG_DATA:
-                di = flags.count(FLAG_DATA, 0, i)  # page i's index among the data pages
-                n_data += self._copy_run(first + i, j - i, d.address + di * ps)
-            elif value == FLAG_ZERO:
-                n_zero += self._fill(first + i, j - i, self._zero_op)
+        acc = [0, 0, 0]  # data pages, zero pages, pages found discarded/unmapped
+        data_before = 0  # data pages of the batch before the chunk
+        for c0 in range(0, n, CHUNK_PAGES):
+            c1 = min(n, c0 + CHUNK_PAGES)
+            cflags = flags[c0:c1]
+            base_addr = d.address + data_before * ps
+
+            dead = [0]
+
+            def chunk(c0: int = c0, c1: int = c1, cflags: bytes = cflags, base_addr: int = base_addr) -> None:
+                mask = self.ps.not_present_mask(first + c0, c1 - c0)
+                dead[0] = self.ps.dead_count(first + c0, c1 - c0, cflags)
+                if mask.count(0):  # some are here already (or gone): install only the others
+                    kind = (int.from_bytes(cflags, "little") & int.from_bytes(mask, "little")).to_bytes(c1 - c0, "little")
+                else:
+                    kind = cflags
+                for value, i, j in policy.value_runs(kind):
+                    if value == FLAG_DATA:
+                        di = cflags.count(FLAG_DATA, 0, i)  # page i's index among the chunk's data pages
+                        acc[0] += self._copy_run(first + c0 + i, j - i, base_addr + di * ps)
+                    elif value == FLAG_ZERO:
+                        acc[1] += self._fill(first + c0 + i, j - i, self._zero_op)
+
+            self._gated(chunk)
+            acc[2] += dead[0]
+            data_before += cflags.count(FLAG_DATA)
+        n_data, n_zero = acc[0], acc[1]
         c = self.c
         c.add("installed", n_data + n_zero)
         c.add("data_pages", n_data)
         c.add("zero_pages", n_zero)
-        c.add("duplicates", received - (kind.count(FLAG_DATA) + kind.count(FLAG_ZERO)))  # present already: skipped
+        # received, and present already (another installer's): skipped or refused by the kernel
+        c.add("duplicates", max(0, n - flags.count(FLAG_OMITTED) - n_data - n_zero - acc[2]))
         return n_data + n_zero
 
     def install_zero(self, page: int, write: bool) -> bool:
@@ -145,27 +167,85 @@ class Installer:
 
         A write fault gets a private zero page by UFFDIO_COPY (one fault); a
         read fault gets the shared zero page (cheaper now, one CoW fault later
-        if the guest writes it).  False if another installer was first.
+        if the guest writes it).  False if another installer was first (or the
+        page is no longer to install).
         """
-        if write:
-            done = self._copy_run(page, 1, self._zero_addr)
-        else:
-            done = self._fill(page, 1, self._zero_op)
-        self.c.add("installed", done)
-        self.c.add("zero_pages", done)
-        self.c.add("zero_local", done)
-        return bool(done)
+        done = [0]
+
+        def one() -> None:
+            if self.ps.not_present_mask(page, 1) != b"\xff":
+                return
+            if write:
+                done[0] = self._copy_run(page, 1, self._zero_addr)
+            else:
+                done[0] = self._fill(page, 1, self._zero_op)
+
+        self._gated(one)
+        self.c.add("installed", done[0])
+        self.c.add("zero_pages", done[0])
+        self.c.add("zero_local", done[0])
+        return bool(done[0])
+
+    def install_discarded(self, page: int, write: bool) -> bool:
+        """A fault on a page the guest discarded (or one present in our table but no
+        longer in the guest's: zapped by a discard after its install): it reads as
+        zeros, the kernel's promise for a discarded anonymous page.  Installs a zero
+        page if the kernel has none there; False if it has one (EEXIST: wake only)."""
+        addr = self.ps.address(page) or self.base + page * self.psize
+        try:
+            if write:
+                self.uffd.copy_page(addr, self._zero_addr, self.psize)
+            else:
+                self.uffd.zeropage(addr, self.psize)
+        except PageExists:
+            self.ps.state[page] = PRESENT
+            return False
+        self.ps.mark_present(page, 1)
+        self.c.add("zero_local")
+        return True
 
     def install_zero_range(self, first: int, count: int) -> int:
-        """Map the pages of a run of known-zero pages that are still missing."""
-        mask = self.ps.not_present_mask(first, count)
-        done = 0
-        for value, i, j in policy.value_runs(mask.replace(b"\xff", b"\x02")):
-            if value == 2:
-                done += self._fill(first + i, j - i, self._zero_op)
-        self.c.add("installed", done)
-        self.c.add("zero_pages", done)
-        return done
+        """Map the pages of a run of known-zero pages that are still to install."""
+        done = [0]
+        for c0 in range(0, count, CHUNK_PAGES):
+            c1 = min(count, c0 + CHUNK_PAGES)
+
+            def chunk(c0: int = c0, c1: int = c1) -> None:
+                mask = self.ps.not_present_mask(first + c0, c1 - c0)
+                for value, i, j in policy.value_runs(mask.replace(b"\xff", b"\x02")):
+                    if value == 2:
+                        done[0] += self._fill(first + c0 + i, j - i, self._zero_op)
+
+            self._gated(chunk)
+        self.c.add("installed", done[0])
+        self.c.add("zero_pages", done[0])
+        return done[0]
+
+    def _gated(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` (a check of pages and the ioctls installing them) with this
+        installer's gate held.  When the kernel refuses before anything was installed
+        because the guest's address space is changing (EAGAIN: an event is queued) or
+        a range is not guest RAM any more (ENOENT: unmapped), let the gate go, wait
+        for the fault process to read the guest's events, and run ``fn`` again: it
+        checks the pages again (now discarded, unmapped or moved).  Raises the
+        kernel's error if it persists (``MAX_WAITS`` waits, ~10 s)."""
+        waits = 0
+        while True:
+            seen = self.ps.words[EVENTS]
+            with self._gate():
+                try:
+                    fn()
+                    return
+                except (RetryLater, Unmapped) as exc:
+                    err = exc
+            waits += 1
+            self.c.add("kernel_eagain")
+            if waits > MAX_WAITS:
+                raise err
+            wait_for_events(self.ps.words, seen)
+
+    def _gate(self) -> AbstractContextManager[None]:
+        return self.gate.installing(self.slot) if self.gate is not None else nullcontext()
 
     def _copy_run(self, page: int, count: int, src: int) -> int:
         def op(dst: int, off: int, length: int) -> int:
@@ -180,47 +260,46 @@ class Installer:
         return self.uffd.zeropage(dst, length)
 
     def _fill(self, page: int, count: int, op: Callable[[int, int, int], int]) -> int:
-        """Run a COPY/ZEROPAGE ioctl over ``count`` pages from ``page`` to the end,
-        across the benign races; marks what the kernel took PRESENT; returns how many.
+        """Run a COPY/ZEROPAGE ioctl over ``count`` pages from ``page``, at their
+        addresses now (``PageState.address_runs``: a remap moves some), across the
+        benign races; marks what the kernel took PRESENT; returns how many.
 
         EEXIST: the kernel stopped at a page that is already there: skip it.
         EAGAIN with progress: a run stopped early: go on from there.
-        EAGAIN without progress: the address space is changing: retry, bounded.
+        EAGAIN or ENOENT without progress: raised (``_gated`` waits for the events).
         """
-        ps, base = self.psize, self.base
-        length = count * ps
-        done = taken = tries = 0
-        mark_from = 0  # start (bytes) of the pages taken and not yet marked
-        while done < length:
-            dst = base + page * ps + done
+        psize = self.psize
+        taken = 0
+        off = 0  # bytes of the source run before this address run
+        for rpage, rcount, addr in self.ps.address_runs(page, count, self.base, psize):
+            length = rcount * psize
+            done = 0
+            mark_from = 0  # start (bytes) of the pages taken and not yet marked
             try:
-                got = op(dst, done, length - done)
-                done += got
-                taken += got
-                continue
-            except PageExists as exc:
-                copied = getattr(exc, "copied", 0)
-                taken += copied
-                done += copied
-                self._mark(page, mark_from, done)
-                self.ps.state[page + done // ps] = PRESENT  # someone else's install (it may not have said so yet)
-                done += ps
-                mark_from = done
-                self.c.add("kernel_eexist")
-            except RetryLater as exc:
-                copied = getattr(exc, "copied", 0)
-                done += copied
-                taken += copied
-                if copied:
-                    continue
-                tries += 1
-                self.c.add("kernel_eagain")
-                if tries > MAX_EAGAIN:
-                    raise
-                time.sleep(0.0001)
-        self._mark(page, mark_from, done)
-        self.c.add("duplicates", count - taken // ps)
-        return taken // ps
+                while done < length:
+                    try:
+                        got = op(addr + done, off + done, length - done)
+                        done += got
+                        taken += got
+                    except PageExists as exc:
+                        copied = getattr(exc, "copied", 0)
+                        taken += copied
+                        done += copied
+                        self._mark(rpage, mark_from, done)
+                        self.ps.state[rpage + done // psize] = PRESENT  # someone else's install (it may not have said so yet)
+                        done += psize
+                        mark_from = done
+                        self.c.add("kernel_eexist")
+                    except RetryLater as exc:
+                        copied = getattr(exc, "copied", 0)
+                        if not copied:
+                            raise
+                        done += copied
+                        taken += copied
+            finally:
+                self._mark(rpage, mark_from, done)
+            off += length
+        return taken // psize
 
     def _mark(self, page: int, start: int, end: int) -> None:
         if end > start:

@@ -33,6 +33,7 @@ import zstandard
 
 from migrator import policy
 from migrator.dest.demand import describe_error
+from migrator.dest.gate import Gate
 from migrator.dest.install import Installer
 from migrator.dest.pagestate import HINTS, ZERO_READY, PageState
 from migrator.dest.local_source import open_page_source
@@ -65,7 +66,9 @@ class Lane:
         self.start_page, self.end_page = lane_range(self.lane, self.lanes, self.npages)
         self.ps = PageState.attach(int(cfg["shm_fd"]), self.npages)
         self.c = self.ps.counters(int(cfg["slot"]))
-        self.installer = Installer(Userfaultfd(int(cfg["uffd_fd"])), self.ps, int(cfg["base"]), self.psize, self.c)
+        gate = Gate(int(cfg["shm_fd"]), self.ps.words)
+        self.installer = Installer(Userfaultfd(int(cfg["uffd_fd"])), self.ps, int(cfg["base"]), self.psize, self.c,
+                                   gate, int(cfg["slot"]))  # fmt: skip
         self.source = open_page_source(cfg["source"])
         self.batch_pages = int(cfg["batch_pages"])
         self.compress = cfg["compress"]

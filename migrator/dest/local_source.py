@@ -58,6 +58,9 @@ class _Demand:
     def request(self, request_id: int, first: int, count: int) -> None:
         self._q.put((request_id, first, count))
 
+    def discarded(self, first: int, count: int) -> None:
+        """Nothing to tell an image: the lanes skip discarded pages themselves."""
+
     def responses(self) -> Iterator[bytes]:
         builder = BatchBuilder(self._src.reader, self._src.untouched, MAX_DEMAND_PAGES)
         while (item := self._q.get()) is not None:

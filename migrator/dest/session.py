@@ -3,7 +3,8 @@
 Steps (the downtime is 4 to 6; everything slow happens before the pause):
 
  1. describe the source's guest (no pause) and start an empty incoming guest;
-    it passes its userfaultfd; UFFDIO_API + UFFDIO_REGISTER (MISSING) on it;
+    it passes its userfaultfd; UFFDIO_API (``MIGRATION_FEATURES``: the guest's memory
+    events) + UFFDIO_REGISTER (MISSING) on it;
  2. start the worker processes (``crew.py``): the fault process (fault
     threads, the urgent stream) and the bulk lanes, each connected to its
     own server on the source, all holding the uffd and the shared page state;
@@ -14,8 +15,8 @@ Steps (the downtime is 4 to 6; everything slow happens before the pause):
     then is it resumed here;
  5. resume the guest with that state: it runs, faulting on missing pages;
     the lanes start streaming;
- 6. wait until every page is present (the processes' counters in shared
-    memory), watching the guest and every worker; a lost connection is
+ 6. wait until every page is present, or discarded or unmapped by the guest
+    (the page state in shared memory), watching the guest and every worker; a lost connection is
     reconnected by each worker, this session says so and keeps the deadline;
  7. stop the workers, UFFDIO_UNREGISTER, close the uffd, then Complete: only
     now may the source drop its copy.  Complete is retried (``release.py``)
@@ -29,6 +30,7 @@ side reports, stops its guest, and says how to take it back on the source.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -56,11 +58,12 @@ from migrator.errors import (
     ProtocolError,
     SourceUnreachable,
     TransportError,
+    UffdError,
 )
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.stats import DestStats
 from migrator.uffd import abi
-from migrator.uffd.fd import Userfaultfd
+from migrator.uffd.fd import MIGRATION_FEATURES, Userfaultfd
 from migrator.wire import migration_pb2 as pb
 
 log = logging.getLogger("migrator.dest")
@@ -152,7 +155,7 @@ class DestinationSession:
         h = guest.hello
         assert h.uffd is not None
         self.uffd = uffd = Userfaultfd(h.uffd)
-        uffd.api(abi.UFFD_FEATURE_THREAD_ID)
+        uffd.api(MIGRATION_FEATURES)
         uffd.register(h.addr, h.size)
         npages = h.size // h.page_size
         self.ps = ps = PageState.create(npages)
@@ -183,6 +186,8 @@ class DestinationSession:
                 self._lanes_due = 0.0
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.tids = list(reply.get("tids", []))
+            if cfg.balloon_pages:
+                self._balloon(guest, cfg.balloon_pages)
             log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
             self._wait_all_present(out, on_progress)
             out.done_ns = time.time_ns()
@@ -198,7 +203,9 @@ class DestinationSession:
                 raise
             raise told from exc
         self._collect(out, crew.stop())
-        uffd.unregister(h.addr, h.size)
+        out.stats.uffd_mode = h.uffd_mode
+        with contextlib.suppress(UffdError):  # best effort: closing the uffd unregisters what is left
+            uffd.unregister(h.addr, h.size)  # (the guest may have moved or unmapped some of it)
         uffd.close()
         # Every page is here: the source may release its copy.  Confirmed, or
         # retried in the background; never a reason to stop this guest.
@@ -206,6 +213,14 @@ class DestinationSession:
         out.release = self.release
         self.release.start()
         return out
+
+    def _balloon(self, guest: GuestProcess, count: int) -> None:
+        """The guest gives its last ``count`` data pages back, as a balloon driver
+        inflating would (madvise DONTNEED): the guest-memory events at work."""
+        h = guest.hello
+        npages = h.size // h.page_size
+        count = min(count, npages - h.table_pages)
+        guest.call("discard", first=npages - count, count=count, timeout=30)  # GuestError if it cannot
 
     def _start_crew(self, desc: pb.Manifest, ps: PageState, uffd_fd: int, base: int, page_size: int) -> Crew:
         cfg = self.cfg
@@ -289,7 +304,7 @@ class DestinationSession:
         last_ops: tuple[float, int] | None = None
         lost: set[str] = set()
         lost_since = back_at = 0.0  # an outage: from the first "lost" to the last "back" (+ a grace)
-        while ps.total("installed", nslots) < npages:
+        while ps.done() < npages:
             name, ev = crew.next_event(0.02)
             kind = ev.get("event")
             if kind == "lost":
@@ -310,7 +325,7 @@ class DestinationSession:
                 back_at = 0.0
                 out.reconnects += 1
                 self.say(f"reconnected to the source (reconnection {out.reconnects}); "
-                         f"{npages - ps.total('installed', nslots)} pages still missing")  # fmt: skip
+                         f"{npages - ps.done()} pages still missing")  # fmt: skip
             if lost and time.monotonic() - lost_since > cfg.reconnect_deadline:
                 raise SourceUnreachable(
                     f"source unreachable for {cfg.reconnect_deadline:g} s, giving up; the guest's memory is split "
@@ -325,7 +340,7 @@ class DestinationSession:
                 last_ops = (now, ops)
                 t = ps.totals(nslots)
                 fault = ps.counters(0)
-                on_progress(Progress(now - t0, t["installed"], npages, fault.get("data_pages"),
+                on_progress(Progress(now - t0, ps.done(), npages, fault.get("data_pages"),
                                      t["data_pages"] - fault.get("data_pages"), t["zero_pages"], rate, "migrating"))  # fmt: skip
         if back_at:  # the last outage ended just before the last page
             out.reconnects += 1
@@ -361,6 +376,7 @@ class DestinationSession:
         st.duplicates, st.kernel_eexist, st.kernel_eagain = t["duplicates"], t["kernel_eexist"], t["kernel_eagain"]
         st.faults, st.faults_spurious, st.demand_requests = t["faults"], t["faults_spurious"], t["demand_requests"]
         st.bulk_batches, st.wire_bytes, st.raw_bytes = t["batches"], t["wire_bytes"], t["raw_bytes"]
+        st.pages_discarded, st.pages_unmapped, st.pages_remapped = t["discarded"], t["unmapped"], t["remapped"]
         st.clock_ref = (time.time_ns(), time.monotonic_ns())
         for lat, done, tid in reports.get(crew.fault.name, {}).get("faults", []):
             st.fault_latency_ns.append(lat)

@@ -91,6 +91,7 @@ def map_rpc_error(exc: grpc.RpcError, what: str) -> MigratorError:
 
 class DemandStream(Protocol):
     def request(self, request_id: int, first: int, count: int) -> None: ...
+    def discarded(self, first: int, count: int) -> None: ...
     def responses(self) -> Iterator[bytes]: ...
     def close(self) -> None: ...
 
@@ -176,6 +177,9 @@ class GrpcDemandStream(_GrpcStream):
 
     def request(self, request_id: int, first: int, count: int) -> None:
         self._put(pb.DemandRequest(epoch=self.epoch, request_id=request_id, first_page=first, count=count))
+
+    def discarded(self, first: int, count: int) -> None:
+        self._put(pb.DemandRequest(epoch=self.epoch, first_page=first, count=count, discarded=True))
 
 
 class GrpcBulkStream(_GrpcStream):

@@ -126,6 +126,13 @@ class PageServer:
                 if req.request_id == 0 and req.count == 0:
                     continue  # the stream's opening message: binds it to the migration, asks nothing
                 first, count = req.first_page, req.count
+                if req.discarded:  # the guest gave these pages up there: no stream sends them
+                    if count == 0 or first >= self.npages or first + count > self.npages:
+                        self.c.add("rejected", 1)
+                        raise Refused("OUT_OF_RANGE", f"discarded pages {first}+{count} outside guest RAM")
+                    self.need[first : first + count] = b"\x01" * count
+                    self.c.add("discarded_pages", count)
+                    continue
                 if count == 0 or count > MAX_DEMAND_PAGES:
                     self.c.add("rejected", 1)
                     raise Refused("INVALID_ARGUMENT", f"demand count {count} not in 1..{MAX_DEMAND_PAGES}")

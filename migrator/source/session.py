@@ -61,6 +61,7 @@ class SourceStats:
     bytes_sent: int = 0
     rejected: int = 0
     refused_auth: int = 0
+    discarded_pages: int = 0  # the destination's guest gave them up: not sent
 
 
 class SourceSession:
@@ -104,7 +105,7 @@ class SourceSession:
     def stats(self) -> SourceStats:
         t = sh.totals(self.shared, len(self.workers))
         return SourceStats(**{k: t[k] for k in ("demand_requests", "demand_pages", "bulk_pages", "resent_pages",
-                                                 "bytes_sent", "rejected")}, refused_auth=self.refused_auth)  # fmt: skip
+                                                 "bytes_sent", "rejected", "discarded_pages")}, refused_auth=self.refused_auth)  # fmt: skip
 
     # -- workers ------------------------------------------------------------------------
     def start_workers(self, host: str, base_port: int, secret: str | None, tls: TlsFiles | None) -> None:
@@ -147,11 +148,11 @@ class SourceSession:
     def _end_epoch(self, epoch: int, why: str) -> None:
         """Every worker stops serving ``epoch`` (and says so) before this returns.
         Caller does not hold the lock."""
-        w = self.shared.words
-        w[sh.ENDED_WHY] = sh.WHY.index(why) if why in sh.WHY else 0
-        w[sh.ENDED_EPOCH] = epoch
-        if w[sh.EPOCH] == epoch:
-            w[sh.EPOCH] = 0
+        words = self.shared.words
+        words[sh.ENDED_WHY] = sh.WHY.index(why) if why in sh.WHY else 0
+        words[sh.ENDED_EPOCH] = epoch
+        if words[sh.EPOCH] == epoch:
+            words[sh.EPOCH] = 0
         pending = []
         for w in self.workers:
             try:

@@ -35,8 +35,9 @@ EPOCH, READY, ENDED_EPOCH, ENDED_WHY = 0, 1, 2, 3
 # ENDED_WHY: an index into this (ownership.py's reasons), so that a worker can say why
 # an epoch ended even before the session's "end" command has reached it
 WHY = ("cancelled", "timed-out", "rolled-back", "rolled-back-forced", "completed", "pause-failed", "source-failed")
-FIRST_SLOT, SLOT_WORDS, MAX_WORKERS = 16, 8, 32
-COUNTERS = ("demand_requests", "demand_pages", "bulk_pages", "resent_pages", "bytes_sent", "rejected", "open_streams")
+FIRST_SLOT, SLOT_WORDS, MAX_WORKERS = 16, 8, 32  # SLOT_WORDS >= len(COUNTERS)
+COUNTERS = ("demand_requests", "demand_pages", "bulk_pages", "resent_pages", "bytes_sent", "rejected", "discarded_pages",
+            "open_streams")  # fmt: skip
 OPEN = COUNTERS.index("open_streams")  # a gauge: the worker's streams open now
 HEADER_WORDS = FIRST_SLOT + SLOT_WORDS * MAX_WORKERS
 

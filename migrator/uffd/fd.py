@@ -36,8 +36,9 @@ _libc_ioctl.restype = ctypes.c_int
 _libc_syscall = _libc.syscall
 _libc_syscall.restype = ctypes.c_long
 
-_MSG = struct.Struct("<B7xQQI4x")
-assert _MSG.size == abi.UFFD_MSG_SIZE
+_MSG = struct.Struct("<B7xQQI4x")  # a page fault: flags, address, ptid
+_RANGE = struct.Struct("<B7xQQQ")  # remove/unmap: start, end; remap: from, to, len
+assert _MSG.size == _RANGE.size == abi.UFFD_MSG_SIZE
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,12 +50,46 @@ class Fault:
     ptid: int
 
 
-def create_userfaultfd(*, nonblock: bool = True) -> int:
-    """Create a userfaultfd for the calling process's address space.
+@dataclass(frozen=True, slots=True)
+class Event:
+    """A non-cooperative event: the guest changed its own memory.
 
-    Tries userfaultfd(2) first, then /dev/userfaultfd (which is governed by the
-    device's file permissions instead of the sysctl).  Raises OSError with the
-    errno of the last attempt.
+    ``kind`` is "remove" (madvise DONTNEED/REMOVE: [start, end) reads as zeros
+    from now on), "unmap" (munmap or a mapping put over [start, end): no longer
+    guest RAM) or "remap" (mremap: ``length`` bytes moved from ``start`` to
+    ``end``, keeping their contents and registration).
+    """
+
+    kind: str
+    start: int
+    end: int
+    length: int = 0
+
+
+FULL, USER_MODE_ONLY = "full", "user-mode only"
+# what a destination asks UFFDIO_API for: the faulting thread's id, and the guest's
+# memory events (madvise DONTNEED/REMOVE, munmap, mremap: dest/fault.py).  No
+# EVENT_FORK: guest RAM is MADV_DONTFORK (QEMU's choice), a child never has it.
+MIGRATION_FEATURES = (abi.UFFD_FEATURE_THREAD_ID | abi.UFFD_FEATURE_EVENT_REMOVE | abi.UFFD_FEATURE_EVENT_UNMAP
+                      | abi.UFFD_FEATURE_EVENT_REMAP)  # fmt: skip
+
+
+def create_userfaultfd(*, nonblock: bool = True) -> int:
+    """Create a userfaultfd for the calling process's address space (see :func:`create_uffd`)."""
+    return create_uffd(nonblock=nonblock)[0]
+
+
+def create_uffd(*, nonblock: bool = True) -> tuple[int, str]:
+    """Create a userfaultfd for the calling process's address space: (fd, mode).
+
+    A *full* one whenever permitted — it also catches faults the kernel takes
+    on the guest's behalf (a system call reading guest RAM, e.g. write(2) from
+    a missing page) — in this order: userfaultfd(2) (root, CAP_SYS_PTRACE, or
+    the sysctl vm.unprivileged_userfaultfd=1), then /dev/userfaultfd (governed
+    by the device's permissions).  Only when neither is allowed, a
+    *user-mode-only* one (UFFD_USER_MODE_ONLY, Linux 5.11+): the guest's own
+    accesses fault as usual, but a system call touching a missing page fails
+    with EFAULT.  Raises OSError with the errno of the last attempt.
     """
     flags = os.O_CLOEXEC | (os.O_NONBLOCK if nonblock else 0)
     nr = abi.SYS_userfaultfd.get(platform.machine())
@@ -62,22 +97,25 @@ def create_userfaultfd(*, nonblock: bool = True) -> int:
     if nr is not None:
         fd = _libc_syscall(nr, flags)
         if fd >= 0:
-            return int(fd)
+            return int(fd), FULL
         first_err = ctypes.get_errno()
-        # Unprivileged callers may still create a user-mode-only uffd.
-        if first_err == errno.EPERM:
-            fd = _libc_syscall(nr, flags | abi.UFFD_USER_MODE_ONLY)
-            if fd >= 0:
-                return int(fd)
+    dev_err = ""
     try:
         dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
     except OSError as exc:
-        raise OSError(first_err, f"userfaultfd: {os.strerror(first_err)}; /dev/userfaultfd: {exc.strerror}") from exc
-    try:
-        fd = fcntl.ioctl(dev, abi.USERFAULTFD_IOC_NEW, flags)
-    finally:
-        os.close(dev)
-    return int(fd)
+        dev_err = exc.strerror or str(exc)
+    else:
+        try:
+            return int(fcntl.ioctl(dev, abi.USERFAULTFD_IOC_NEW, flags)), FULL
+        except OSError as exc:
+            dev_err = exc.strerror or str(exc)
+        finally:
+            os.close(dev)
+    if nr is not None and first_err == errno.EPERM:
+        fd = _libc_syscall(nr, flags | abi.UFFD_USER_MODE_ONLY)
+        if fd >= 0:
+            return int(fd), USER_MODE_ONLY
+    raise OSError(first_err, f"userfaultfd: {os.strerror(first_err)}; /dev/userfaultfd: {dev_err}")
 
 
 class Userfaultfd:
@@ -174,23 +212,39 @@ class Userfaultfd:
 
     # -- events -------------------------------------------------------------
     def read_faults(self, max_events: int = 16) -> list[Fault]:
-        """Read pending events without blocking; [] if none are queued.
+        """Read pending page faults without blocking; [] if none are queued.
 
-        Only page faults are expected (no EVENT_* features are requested); any
-        other event is a bug in our setup and raises.
+        For a uffd without EVENT_* features; any other message raises (use
+        :meth:`read_messages` where events are enabled).
         """
+        out = self.read_messages(max_events)
+        for m in out:
+            if not isinstance(m, Fault):
+                raise UffdError("unexpected userfaultfd event", event=m.kind)
+        return out  # type: ignore[return-value]
+
+    def read_messages(self, max_events: int = 16) -> list[Fault | Event]:
+        """Read pending messages (page faults and events) without blocking; [] if none."""
         try:
             data = os.read(self.fd, abi.UFFD_MSG_SIZE * max_events)
         except BlockingIOError:
             return []
         except OSError as exc:
             raise uffd_error("read(uffd)", exc.errno) from exc
-        out = []
+        out: list[Fault | Event] = []
         for off in range(0, len(data), abi.UFFD_MSG_SIZE):
-            event, flags, address, ptid = _MSG.unpack_from(data, off)
-            if event != abi.UFFD_EVENT_PAGEFAULT:
+            event = data[off]
+            if event == abi.UFFD_EVENT_PAGEFAULT:
+                _e, flags, address, ptid = _MSG.unpack_from(data, off)
+                out.append(Fault(address, bool(flags & abi.UFFD_PAGEFAULT_FLAG_WRITE), ptid))
+            elif event in (abi.UFFD_EVENT_REMOVE, abi.UFFD_EVENT_UNMAP):
+                _e, start, end, _ = _RANGE.unpack_from(data, off)
+                out.append(Event("remove" if event == abi.UFFD_EVENT_REMOVE else "unmap", start, end))
+            elif event == abi.UFFD_EVENT_REMAP:
+                _e, frm, to, length = _RANGE.unpack_from(data, off)
+                out.append(Event("remap", frm, to, length))
+            else:
                 raise UffdError("unexpected userfaultfd event", event=hex(event))
-            out.append(Fault(address, bool(flags & abi.UFFD_PAGEFAULT_FLAG_WRITE), ptid))
         return out
 
     def close(self) -> None:

@@ -67,16 +67,18 @@ class SwitchoverReply(_message.Message):
     def __init__(self) -> None: ...
 
 class DemandRequest(_message.Message):
-    __slots__ = ("epoch", "request_id", "first_page", "count")
+    __slots__ = ("epoch", "request_id", "first_page", "count", "discarded")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_PAGE_FIELD_NUMBER: _ClassVar[int]
     COUNT_FIELD_NUMBER: _ClassVar[int]
+    DISCARDED_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     request_id: int
     first_page: int
     count: int
-    def __init__(self, epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ...) -> None: ...
+    discarded: bool
+    def __init__(self, epoch: _Optional[int] = ..., request_id: _Optional[int] = ..., first_page: _Optional[int] = ..., count: _Optional[int] = ..., discarded: _Optional[bool] = ...) -> None: ...
 
 class StreamControl(_message.Message):
     __slots__ = ("epoch", "seek_page", "codec", "batch_pages", "missing_map_zstd", "lane", "lanes")
