@@ -385,7 +385,7 @@ def check() -> None:
 
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms", "all"]))
+@click.argument("scenario", type=click.Choice(["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms", "all"]))
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True, help="Runs per configuration (medians are reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True, help="Where JSON (and PNG) results go.")
 @click.option("--ram", type=SIZE, default=None, help="Guest RAM for the migration scenarios (default: the scenario's own).")
@@ -394,6 +394,7 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
 
     \b
     migrate-1g     1 GiB guest (40 % zero, 30 % text, 30 % random), two vCPUs writing, loopback
+    qemu-mix       QEMU's peer workload: 1 GiB, 1 vCPU, 25/25/50, 4096 writes/s and flat out
     fault-latency  demand-fault latency with the bulk stream idle vs running
     wakeups        fault storm: blocking read() vs EPOLLEXCLUSIVE, 1/2/4 fault threads
     bulk           bulk-stream throughput with compression none / zstd / auto
@@ -411,7 +412,7 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise click.BadParameter(f"cannot create {out_dir}: {exc.strerror}", param_hint="--out") from None
-    names = ["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms"] if scenario == "all" else [scenario]
+    names = ["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms"] if scenario == "all" else [scenario]
     for name in names:
         click.echo(f"{name} ({runs} runs):", err=True)
         fn = {"wakeups": wakeups, "grpc-forms": grpc_forms}.get(name) or SCENARIOS[name]

@@ -146,6 +146,36 @@ def bulk(runs: int, out_dir: str, say: Say, ram: int = 1 << 30) -> dict[str, Any
     return {"text": table(rows), "medians": medians}
 
 
+def qemu_mix(runs: int, out_dir: str, say: Say, ram: int = 1 << 30) -> dict[str, Any]:
+    """QEMU's own workload (``../shared/peers/qemu_postcopy.py``): 1 GiB, 1 vCPU, 25 %
+    zero / 25 % text / 50 % random pages, random writes at 4096/s (``pure-1G``) and
+    flat out (``pure-hot-1G``); post-copy at once.  Run the peer in the same sitting
+    and divide: the ratios are the result, absolute times move between sittings."""
+    rows = []
+    results: list[dict[str, Any]] = []
+    for label, rate in (("pure (4096 writes/s)", 4096), ("hot (flat out)", 0)):
+        guest = GuestOptions(ram=ram, vcpus=1, workload="random", write_ratio=1.0, zero_pct=25, text_pct=25, rate=rate)
+        cfg = DestConfig(progress=False, verify=False, run_for=0)
+        rs = []
+        for i in range(runs):
+            s, _out = _migrate(guest, cfg, warmup=1.0)
+            rs.append({"config": label, **_summary_row(s), "demand_requests": s["demand_requests"]})
+            say(f"  {label} run {i + 1}/{runs}: total {s['total_ms']:.0f} ms, downtime {s['downtime_ms']:.1f} ms, "
+                f"{s['demand_requests']} requests, blocked {s['blocked_ms_total']:.0f} ms")  # fmt: skip
+        results += rs
+        rows += [
+            (f"{label}: total (ms)", [r["total_ms"] for r in rs], "QEMU: total-time"),
+            (f"{label}: downtime (ms)", [r["downtime_ms"] for r in rs], "QEMU: STOP -> RESUME"),
+            (f"{label}: demand requests", [float(r["demand_requests"]) for r in rs], "QEMU: postcopy requests"),
+            (f"{label}: vCPU blocked (ms)", [r["blocked_ms_total"] for r in rs], "QEMU: postcopy-vcpu-blocktime"),
+            (f"{label}: fault p50 (us)", [r["fault_p50_us"] for r in rs], ""),
+            (f"{label}: fault p99 (us)", [r["fault_p99_us"] for r in rs], ""),
+        ]
+    medians = {name: statistics.median(vals) for name, vals, _ in rows}
+    write_json(os.path.join(out_dir, "qemu-mix.json"), "qemu-mix", {"ram": ram, "runs": runs}, results, medians)
+    return {"text": table(rows), "medians": medians}
+
+
 def _have_mpl() -> bool:
     import importlib.util
 
@@ -156,4 +186,5 @@ SCENARIOS: dict[str, Callable[..., dict[str, Any]]] = {
     "migrate-1g": migrate_1g,
     "fault-latency": fault_latency,
     "bulk": bulk,
+    "qemu-mix": qemu_mix,
 }
