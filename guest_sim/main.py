@@ -7,8 +7,13 @@ guest also creates a userfaultfd for it and passes the fd along with the hello
 monitor.  Only the process whose memory a uffd watches can create it; every
 other uffd operation is the monitor's.
 
-Control messages are JSON lines: pause, resume, stats, verify, set, quit; each
-carries an ``id`` that its reply echoes.  When
+Control messages are JSON lines: pause, resume, stats, verify, set, track,
+quit; each carries an ``id`` that its reply echoes.  ``track`` creates a second
+userfaultfd (for the monitor's dirty tracker, ``migrator/uffd/dirty.py``) and
+passes it with the reply; ``resume`` may carry ``discard``, runs of pages
+[first, count] dropped (MADV_DONTNEED) before any vCPU runs: an incoming
+guest's pre-copied pages that changed on the source since (they fault and
+arrive again, like QEMU's discard list).  When
 the monitor goes away (EOF, or its death via PR_SET_PDEATHSIG) the guest exits:
 a guest without its monitor could only fault forever or read zeros.
 """
@@ -24,7 +29,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from guest_sim.ram import GuestRam
 from guest_sim.vcpu import PauseControl, Vcpu, VcpuConfig, VcpuState, load_blob, state_blob
@@ -67,6 +72,11 @@ class Guest:
         return {"ok": True, "paused_ns": t, "state": state_blob(self.cfg, self.states)}
 
     def cmd_resume(self, msg: dict[str, Any]) -> dict[str, Any]:
+        discarded = 0
+        if msg.get("discard"):
+            if self.vcpus and not self.ctl.pause_req:
+                return {"ok": False, "error": "discard needs paused vCPUs"}
+            discarded = self.ram.discard([(int(a), int(n)) for a, n in msg["discard"]])
         if "state" in msg and msg["state"] is not None:
             if self.vcpus:
                 return {"ok": False, "error": "cannot load vCPU state into running vCPUs"}
@@ -77,7 +87,17 @@ class Guest:
             self.ctl.resume()
         else:
             self.start_vcpus()
-        return {"ok": True, "resumed_ns": time.time_ns(), "tids": [v.tid for v in self.vcpus]}
+        return {"ok": True, "resumed_ns": time.time_ns(), "tids": [v.tid for v in self.vcpus], "discarded": discarded}
+
+    def cmd_track(self, _msg: dict[str, Any]) -> dict[str, Any]:
+        """A userfaultfd for this RAM, for the monitor's dirty tracker (sent with the reply)."""
+        from migrator.uffd.fd import create_userfaultfd
+
+        try:
+            fd = create_userfaultfd()
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot create a userfaultfd: {exc.strerror or exc}"}
+        return {"ok": True, "_fds": [fd]}
 
     def cmd_stats(self, _msg: dict[str, Any]) -> dict[str, Any]:
         per = []
@@ -132,6 +152,7 @@ def _serve(guest: Guest, sock: socket.socket) -> int:
         "stats": guest.cmd_stats,
         "verify": guest.cmd_verify,
         "set": guest.cmd_set,
+        "track": guest.cmd_track,
     }
     f = sock.makefile("rb")
     for line in f:
@@ -147,7 +168,13 @@ def _serve(guest: Guest, sock: socket.socket) -> int:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             reply = {"ok": False, "error": f"bad control message: {exc}"}
         reply["id"] = cid  # the monitor matches replies to calls by it
-        sock.sendall(json.dumps(reply).encode() + b"\n")
+        fds = cast("list[int]", reply.pop("_fds", None) or [])
+        if fds:
+            socket.send_fds(sock, [json.dumps(reply).encode() + b"\n"], fds)
+            for fd in fds:
+                os.close(fd)  # only the monitor holds it now
+        else:
+            sock.sendall(json.dumps(reply).encode() + b"\n")
     return EXIT_MONITOR_GONE
 
 

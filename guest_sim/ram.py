@@ -69,6 +69,18 @@ class GuestRam:
         self.map[0 : len(raw)] = raw
         return written
 
+    def discard(self, runs: list[tuple[int, int]]) -> int:
+        """Drop the pages of ``runs`` ([first page, count]) with MADV_DONTNEED (vCPUs
+        paused): in userfaultfd-registered RAM they are missing again and fault.
+        Returns the number of pages dropped; raises ValueError for a run outside RAM."""
+        ps, n = self.page_size, 0
+        for first, count in runs:
+            if first < 0 or count <= 0 or first + count > self.npages:
+                raise ValueError(f"discard run {first}+{count} outside RAM of {self.npages} pages")
+            self.map.madvise(mmap.MADV_DONTNEED, first * ps, count * ps)
+            n += count
+        return n
+
     def verify_all(self, limit: int = 20) -> tuple[int, list[str]]:
         """Check every data page against the version table (vCPUs must be paused)."""
         ps = self.page_size

@@ -7,13 +7,18 @@ Steps (the downtime is 4 to 6; everything slow happens before the pause):
  2. start the worker processes (``crew.py``): the fault process (fault
     threads, the urgent stream) and the bulk lanes, each connected to its
     own server on the source, all holding the uffd and the shared page state;
+ 2b. (``--precopy``/``--hot-first``) pre-copy: the source tracks its running
+    guest's writes and the lanes install its pages in rounds, into this
+    still-paused guest; when the source says "switch now" the lanes stop
+    (``precopy.py`` has the design);
  3. handshake: the source pauses its guest and returns the vCPU state
     (retried with the same token across a lost connection); the fault process
     opens its urgent stream at once;
  4. switch-over: the source records that this side may run the guest; only
     then is it resumed here;
- 5. resume the guest with that state: it runs, faulting on missing pages;
-    the lanes start streaming;
+ 5. resume the guest with that state (after a pre-copy it first drops the
+    pages that changed on the source since they were sent): it runs, faulting
+    on missing pages; the lanes start streaming;
  6. wait until every page is present (the processes' counters in shared
     memory), watching the guest and every worker; a lost connection is
     reconnected by each worker, this session says so and keeps the deadline;
@@ -42,7 +47,8 @@ from typing import Any, TypeVar
 
 from migrator.config import DestConfig
 from migrator.dest.crew import Crew, event_error
-from migrator.dest.pagestate import EPOCH, PageState
+from migrator.dest.pagestate import EPOCH, PRESENT, PageState
+from migrator.dest.precopy import discard_runs
 from migrator.dest.priority import deprioritize, restore_priority
 from migrator.dest.release import Release
 from migrator.dest.source_client import Control, GrpcControl, port_address
@@ -54,9 +60,12 @@ from migrator.errors import (
     MigrationEnded,
     MigratorError,
     ProtocolError,
+    SourceFailed,
     SourceUnreachable,
     TransportError,
 )
+from migrator.pagemaps import decompress_exact, is_01
+from migrator.source.serving import lane_range
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.stats import DestStats
 from migrator.uffd import abi
@@ -98,6 +107,7 @@ class Outcome:
     tids: list[int] = field(default_factory=list)
     reconnects: int = 0
     release: "Release | None" = None
+    precopy: dict[str, Any] = field(default_factory=dict)  # what the pre-copy did (empty: none)
 
 
 def _is_loopback(address: str) -> bool:
@@ -123,6 +133,8 @@ class DestinationSession:
         self._lanes_due = 0.0
         self._last_ops = 0
         self._switching = False
+        self._resync = False
+        self._base_present = 0  # pages installed before the switch (pre-copy) and still valid
         self.token = os.urandom(16)  # names this destination's handshake (idempotent retries)
         self.say: Callable[[str], None] = lambda m: log.warning("%s", m)
 
@@ -162,12 +174,14 @@ class DestinationSession:
             # Everything that does not need the manifest is ready before the pause.
             self.crew = crew = self._start_crew(desc, ps, uffd.fd, h.addr, h.page_size)
             niced = deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
+            pre = self._precopy(crew, guest.hello.pid) if cfg.precopy or cfg.precopy_auto or cfg.hot_first else {}
             # the source pauses; a source gone before it answered will not come back: a shorter wait
             manifest = self._retrying("handshake", lambda: ctl.handshake(self.token), min(cfg.reconnect_deadline, 30.0))
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
             state = json.loads(manifest.vcpu_state)
+            discard = self._stale_pages(manifest, pre)
             ps.words[EPOCH] = manifest.epoch
             urgent = crew.open_urgent(manifest.epoch)  # opens while the switch-over travels
             # Only once the source has recorded the switch-over may the guest run here.
@@ -175,13 +189,16 @@ class DestinationSession:
             self._retrying("switch-over", ctl.switchover)
             switched = True
             crew.fault.wait(urgent, 10)  # no fault waits for the urgent stream to open
-            reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
+            reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio, discard=discard)
             resumed = True
+            # after a pre-copy the source's map of what it sent is not ours: the lanes say what is missing
+            self._resync = bool(manifest.stale_map_zstd or pre.get("installed"))
             self._lanes_due = time.monotonic() + cfg.prefetch_delay  # (held back only to measure an idle bulk)
             if cfg.prefetch_delay <= 0:
-                crew.start_lanes(manifest.epoch)
+                crew.start_lanes(manifest.epoch, self._resync)
                 self._lanes_due = 0.0
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
+            out.precopy = pre
             out.tids = list(reply.get("tids", []))
             log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
             self._wait_all_present(out, on_progress)
@@ -206,6 +223,78 @@ class DestinationSession:
         out.release = self.release
         self.release.start()
         return out
+
+    def _precopy(self, crew: Crew, guest_pid: int) -> dict[str, Any]:
+        """Step 2b: the source's pre-copy (or hot-page tracking) until it says "switch now";
+        the lanes install its rounds.  Returns what it did.  A source that cannot is
+        said once, and the migration goes on as pure post-copy."""
+        cfg, ctl = self.cfg, self.control
+        track_only = not (cfg.precopy or cfg.precopy_auto)
+        precopy = getattr(ctl, "precopy", None)
+        if precopy is None:
+            self.say("this source cannot pre-copy (a local image): pure post-copy")
+            return {}
+        t0 = time.monotonic()
+        out: dict[str, Any] = {"mode": "hot-first tracking" if track_only else "pre-copy", "rounds": 0}
+        started = False
+        try:
+            for p in precopy(self.token, seconds=cfg.precopy, auto=cfg.precopy_auto, track_only=track_only,
+                             hot_first=cfg.hot_first):  # fmt: skip
+                if not started:
+                    started = True
+                    if not track_only:
+                        crew.start_precopy(p.epoch, guest_pid)
+                    continue
+                self._check()
+                if p.round_pages:
+                    out["rounds"] = p.round
+                    log.info("pre-copy round %d: %d pages in %.0f ms, %d written meanwhile", p.round, p.round_pages,
+                             p.round_s * 1e3, p.dirty_pages)  # fmt: skip
+                if p.done:
+                    out.update(why=p.why, source_sent=p.sent_pages, last_dirty=p.dirty_pages)
+                    break
+        except (MigrationEnded, ProtocolError, SourceFailed) as exc:
+            if started and not track_only:
+                crew.stop_precopy()
+            self.say(f"the source cannot pre-copy ({exc}): pure post-copy")
+            return {}
+        if not track_only:
+            out.update(crew.stop_precopy())
+        out["seconds"] = time.monotonic() - t0
+        return out
+
+    def _stale_pages(self, manifest: pb.Manifest, pre: dict[str, Any]) -> list[tuple[int, int]]:
+        """After a pre-copy: the pages installed here that the guest wrote on the source
+        since, marked missing again; returns their runs, for the guest to drop."""
+        ps = self.ps
+        assert ps is not None
+        if not manifest.stale_map_zstd:
+            if not pre.get("installed"):
+                return []
+            # the source ended its pre-copy before our handshake (we were too slow): it
+            # knows nothing of what we have, so nothing pre-copied is trusted
+            stale = b"\x01" * ps.npages
+            pre["why"] = f"{pre.get('why', '')}; the source forgot it: every pre-copied page dropped"
+        else:
+            try:
+                stale = decompress_exact(manifest.stale_map_zstd, ps.npages)
+            except ValueError as exc:
+                raise ProtocolError(f"bad stale map: {exc}") from None
+            if not is_01(stale):
+                raise ProtocolError("stale map must be one 0/1 byte per page")
+        unclean = pre.get("unclean") or []
+        if unclean:  # batches of these lanes may be lost: none of their pages is trusted
+            st = bytearray(stale)
+            lanes = len(self.crew.lanes) if self.crew is not None else 1
+            for i in unclean:
+                a, b = lane_range(i, lanes, ps.npages)
+                st[a:b] = b"\x01" * (b - a)
+            stale = bytes(st)
+        runs = discard_runs(ps, stale)
+        pre["discarded"] = sum(n for _, n in runs)
+        self._base_present = bytes(ps.state).count(PRESENT)
+        pre["present_at_switch"] = self._base_present
+        return runs
 
     def _start_crew(self, desc: pb.Manifest, ps: PageState, uffd_fd: int, base: int, page_size: int) -> Crew:
         cfg = self.cfg
@@ -289,6 +378,7 @@ class DestinationSession:
         last_ops: tuple[float, int] | None = None
         lost: set[str] = set()
         lost_since = back_at = 0.0  # an outage: from the first "lost" to the last "back" (+ a grace)
+        npages -= self._base_present  # installed by the pre-copy, still valid
         while ps.total("installed", nslots) < npages:
             name, ev = crew.next_event(0.02)
             kind = ev.get("event")
@@ -305,7 +395,7 @@ class DestinationSession:
                 raise event_error(name, ev)
             if self._lanes_due and time.monotonic() >= self._lanes_due:
                 self._lanes_due = 0.0
-                crew.start_lanes(out.manifest.epoch)
+                crew.start_lanes(out.manifest.epoch, self._resync)
             if back_at and not lost and time.monotonic() - back_at > OUTAGE_GRACE_S:
                 back_at = 0.0
                 out.reconnects += 1

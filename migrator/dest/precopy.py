@@ -1,0 +1,152 @@
+"""Pre-copy on the destination: pages of a running source guest, before the switch.
+
+Design (the simplest correct one we found; QEMU's, minus its RAM copy):
+
+* the incoming guest is registered (MISSING) and paused; it has not run and
+  will not run before the switch-over, so nothing here races a vCPU;
+* a lane's pre-copy stream carries rounds of pages; a page not present yet is
+  installed with ``UFFDIO_COPY``/``ZEROPAGE`` (the installer, marking it
+  PRESENT); a page already installed by an earlier round is *overwritten in
+  place* through ``/proc/PID/mem`` (``UFFDIO_COPY`` never replaces a page).
+  No staging buffer: the guest's RAM is the buffer;
+* a done pre-copy's streams end with a ``last`` batch: the source claims no
+  page after it is done, so every page it counts as sent is installed here
+  before the handshake (a lane that does not see ``last`` is "unclean": all
+  its pages count as stale);
+* at the handshake the source's stale map names every page written after it
+  was last sent (or never sent); :func:`discard_runs` picks those that are
+  PRESENT here, the session marks them MISSING and the guest drops them
+  (MADV_DONTNEED, in its ``resume``, before any vCPU runs): they fault and
+  arrive again after the switch (QEMU's discard list).  The lanes then ask
+  for every page not present (their missing map), which covers batches that
+  were in flight when the pre-copy stopped.
+
+So after the switch every page is installed exactly once (the post-copy
+machinery, unchanged), and no page the guest wrote since it was sent is
+left stale: the source's last scan is made with its guest paused.
+
+Pre-copy installs are counted in their own counter slot (``slot``), outside
+the post-copy totals the session watches.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from migrator import policy
+from migrator.dest.install import Decoded, Installer
+from migrator.dest.pagestate import MISSING, PRESENT, PageState
+from migrator.dest.source_client import BulkStream, PageSource
+from migrator.errors import GuestError, MigratorError
+from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED
+from migrator.wire import migration_pb2 as pb
+from migrator.workers import set_thread_name
+
+FINISH_S = 30.0  # a done pre-copy's streams end within this (the source sends `last`)
+_PRESENT_ONLY = bytes(1 if b == PRESENT else 0 for b in range(256))
+
+
+class PrecopyReceiver:
+    """One lane's pre-copy stream (a thread), into the paused incoming guest."""
+
+    def __init__(self, installer: Installer, ps: PageState, source: PageSource, lane: int, lanes: int,
+                 start_page: int, batch_pages: int, guest_pid: int, event: Callable[..., None]) -> None:  # fmt: skip
+        self.inst, self.ps, self.source = installer, ps, source
+        self.lane, self.lanes, self.start_page, self.batch_pages = lane, lanes, start_page, batch_pages
+        self.event = event
+        self.psize = installer.psize
+        try:
+            self._mem = os.open(f"/proc/{guest_pid}/mem", os.O_RDWR | os.O_CLOEXEC)
+        except OSError as exc:
+            raise GuestError(f"cannot open the incoming guest's memory: {exc.strerror}", pid=guest_pid) from exc
+        self.installed = self.rewritten = self.batches = self.wire_bytes = 0
+        self.rounds = 0
+        self.finished = False
+        self._stream: BulkStream | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    def start(self, epoch: int) -> None:
+        self._thread = threading.Thread(target=self._run, args=(epoch,), name=f"lane{self.lane}-pre", daemon=True)
+        self._thread.start()
+
+    def _run(self, epoch: int) -> None:
+        set_thread_name(f"lane{self.lane}-pre")
+        try:
+            self._stream = self.source.open_bulk(epoch, self.lane, self.lanes, pb.CODEC_NONE, self.batch_pages,
+                                                 self.start_page, precopy=True)  # fmt: skip
+            for raw in self._stream.responses():
+                if self._stopping:
+                    return
+                d = self.inst.decode(raw, epoch)
+                if d.batch.last:
+                    self.finished = True  # every batch the source claimed is installed
+                    return
+                self.apply(d)
+        except MigratorError as exc:
+            # not fatal: whatever did not arrive comes after the switch-over
+            if not self._stopping:
+                self.event("precopy-lost", lane=self.lane, error=str(exc))
+
+    def apply(self, d: Decoded) -> None:
+        """Install a validated pre-copy batch: new pages by UFFDIO_COPY, pages an
+        earlier round installed overwritten in place."""
+        b = d.batch
+        first, n = b.first_page, b.count
+        present = bytes(self.ps.state[first : first + n]).translate(_PRESENT_ONLY)
+        if present.count(1):
+            self._rewrite(d, present)
+        self.installed += self.inst.install(d, "precopy")  # skips the present ones
+        self.batches += 1
+        self.wire_bytes += len(b.data)
+        self.rounds = max(self.rounds, b.round)
+
+    def _rewrite(self, d: Decoded, present: bytes) -> None:
+        b, ps = d.batch, self.psize
+        flags = b.flags
+        data = b.data if b.codec == pb.CODEC_NONE else memoryview(d.data)
+        zero = bytes(ps)
+        base = self.inst.base
+        di = 0  # index among the batch's data pages
+        for i in range(b.count):
+            f = flags[i]
+            if f == FLAG_OMITTED:
+                continue
+            if present[i]:
+                page = data[di * ps : (di + 1) * ps] if f == FLAG_DATA else zero
+                if os.pwrite(self._mem, page, base + (b.first_page + i) * ps) != ps:
+                    raise GuestError("short write to the incoming guest's memory", page=b.first_page + i)
+                self.rewritten += 1
+            if f == FLAG_DATA:
+                di += 1
+
+    def stop(self, timeout: float = FINISH_S) -> dict[str, Any]:
+        """Wait for the source's ``last`` batch (it ends a done pre-copy's streams), then
+        stop.  ``clean`` False: it did not come, so batches the source counts as sent
+        may be lost here; the session then treats this lane's pages as stale.
+        Returns this lane's pre-copy counts."""
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._stopping = True
+        if self._stream is not None:
+            self._stream.close()
+        if self._thread is not None and self._thread.is_alive():
+            self._thread.join(timeout=10)
+        os.close(self._mem)
+        return {"installed": self.installed, "rewritten": self.rewritten, "batches": self.batches,
+                "wire_bytes": self.wire_bytes, "rounds": self.rounds, "clean": self.finished}  # fmt: skip
+
+
+def discard_runs(ps: PageState, stale: bytes) -> list[tuple[int, int]]:
+    """The runs [first, count] of pages that are PRESENT here and stale at the source;
+    marks them MISSING (the guest must drop them before it runs).  ``stale``: one
+    0/1 byte per page."""
+    here = bytes(ps.state).translate(_PRESENT_ONLY)
+    both = (int.from_bytes(here, "little") & int.from_bytes(stale, "little")).to_bytes(len(stale), "little")
+    runs = list(policy.runs_of(both, 1, max_run=1 << 30))
+    for first, count in runs:
+        ps.state[first : first + count] = bytes([MISSING]) * count
+    return runs
