@@ -8,7 +8,7 @@ monitor.  Only the process whose memory a uffd watches can create it; every
 other uffd operation is the monitor's.
 
 Control messages are JSON lines: pause, resume, stats, verify, set, track,
-quit; each carries an ``id`` that its reply echoes.  ``track`` creates a second
+discard, quit; each carries an ``id`` that its reply echoes.  ``track`` creates a second
 userfaultfd (for the monitor's dirty tracker, ``migrator/uffd/dirty.py``) and
 passes it with the reply; ``resume`` may carry ``discard``, runs of pages
 [first, count] dropped (MADV_DONTNEED) before any vCPU runs: an incoming
@@ -89,6 +89,15 @@ class Guest:
             self.start_vcpus()
         return {"ok": True, "resumed_ns": time.time_ns(), "tids": [v.tid for v in self.vcpus], "discarded": discarded}
 
+    def cmd_discard(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Drop runs of pages [first, count] (an incoming guest's pre-copied pages that went
+        stale) before the vCPUs run."""
+        if self.vcpus and not self.ctl.pause_req:
+            return {"ok": False, "error": "discard needs paused vCPUs"}
+        t = time.perf_counter()
+        n = self.ram.discard([(int(a), int(c)) for a, c in msg.get("runs", [])])
+        return {"ok": True, "discarded": n, "ms": (time.perf_counter() - t) * 1e3}
+
     def cmd_track(self, _msg: dict[str, Any]) -> dict[str, Any]:
         """A userfaultfd for this RAM, for the monitor's dirty tracker (sent with the reply)."""
         from migrator.uffd.fd import create_userfaultfd
@@ -153,6 +162,7 @@ def _serve(guest: Guest, sock: socket.socket) -> int:
         "verify": guest.cmd_verify,
         "set": guest.cmd_set,
         "track": guest.cmd_track,
+        "discard": guest.cmd_discard,
     }
     f = sock.makefile("rb")
     for line in f:

@@ -153,7 +153,8 @@ def test_precopy_of_a_guest_writing_few_pages_hard_leaves_nothing_stale(tmp_path
         npages = h.size // h.page_size
         src_ram = same_as_source_at_pause(info, out)
         assert pre["mode"] == "pre-copy" and pre["installed"] > npages // 4, pre
-        assert pre["discarded"] > 0, f"nothing changed after it was sent? {pre}"
+        # dropped before the handshake (stale when the pre-copy was done) or at the switch
+        assert pre["discarded"] + pre.get("discarded_early", 0) > 0, f"nothing changed after it was sent? {pre}"
         # every page installed exactly once after the switch: the pre-copied ones still
         # valid, plus what post-copy installed, is every page, and nothing is missing
         st = out.stats

@@ -182,6 +182,7 @@ class DestinationSession:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
             state = json.loads(manifest.vcpu_state)
             discard = self._stale_pages(manifest, pre)
+            t_st = time.time_ns()
             ps.words[EPOCH] = manifest.epoch
             urgent = crew.open_urgent(manifest.epoch)  # opens while the switch-over travels
             # Only once the source has recorded the switch-over may the guest run here.
@@ -189,6 +190,7 @@ class DestinationSession:
             self._retrying("switch-over", ctl.switchover)
             switched = True
             crew.fault.wait(urgent, 10)  # no fault waits for the urgent stream to open
+            t_sw = time.time_ns()
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio, discard=discard)
             resumed = True
             # after a pre-copy the source's map of what it sent is not ours: the lanes say what is missing
@@ -200,7 +202,8 @@ class DestinationSession:
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.precopy = pre
             out.tids = list(reply.get("tids", []))
-            log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
+            log.debug("handshake->resume %.1f ms (stale pages %.1f ms, switch-over %.1f ms, %d runs dropped)",
+                      (out.resumed_ns - t_hs) / 1e6, (t_st - t_hs) / 1e6, (t_sw - t_st) / 1e6, len(discard))  # fmt: skip
             self._wait_all_present(out, on_progress)
             out.done_ns = time.time_ns()
             if niced:
@@ -237,6 +240,7 @@ class DestinationSession:
         t0 = time.monotonic()
         out: dict[str, Any] = {"mode": "hot-first tracking" if track_only else "pre-copy", "rounds": 0}
         started = False
+        early_stale = b""
         try:
             for p in precopy(self.token, seconds=cfg.precopy, auto=cfg.precopy_auto, track_only=track_only,
                              hot_first=cfg.hot_first):  # fmt: skip
@@ -252,6 +256,7 @@ class DestinationSession:
                              p.round_s * 1e3, p.dirty_pages)  # fmt: skip
                 if p.done:
                     out.update(why=p.why, source_sent=p.sent_pages, last_dirty=p.dirty_pages)
+                    early_stale = p.stale_map_zstd
                     break
         except (MigrationEnded, ProtocolError, SourceFailed) as exc:
             if started and not track_only:
@@ -260,8 +265,31 @@ class DestinationSession:
             return {}
         if not track_only:
             out.update(crew.stop_precopy())
+            if early_stale and not out["unclean"]:
+                # what went stale before "done" is dropped now, outside the downtime: the
+                # switch drops only what the guest writes after
+                out["discarded_early"] = self._drop_stale(early_stale)
         out["seconds"] = time.monotonic() - t0
         return out
+
+    def _stale_map(self, stale_zstd: bytes) -> bytes:
+        assert self.ps is not None
+        try:
+            stale = decompress_exact(stale_zstd, self.ps.npages)
+        except ValueError as exc:
+            raise ProtocolError(f"bad stale map: {exc}") from None
+        if not is_01(stale):
+            raise ProtocolError("stale map must be one 0/1 byte per page")
+        return stale
+
+    def _drop_stale(self, stale_zstd: bytes) -> int:
+        """Before the handshake: pages installed here and stale at the source are missing
+        again, and the guest drops them.  Returns how many."""
+        assert self.ps is not None and self.guest is not None
+        runs = discard_runs(self.ps, self._stale_map(stale_zstd))
+        if runs:
+            self.guest.call("discard", timeout=60, runs=runs)
+        return sum(n for _, n in runs)
 
     def _stale_pages(self, manifest: pb.Manifest, pre: dict[str, Any]) -> list[tuple[int, int]]:
         """After a pre-copy: the pages installed here that the guest wrote on the source
@@ -276,12 +304,7 @@ class DestinationSession:
             stale = b"\x01" * ps.npages
             pre["why"] = f"{pre.get('why', '')}; the source forgot it: every pre-copied page dropped"
         else:
-            try:
-                stale = decompress_exact(manifest.stale_map_zstd, ps.npages)
-            except ValueError as exc:
-                raise ProtocolError(f"bad stale map: {exc}") from None
-            if not is_01(stale):
-                raise ProtocolError("stale map must be one 0/1 byte per page")
+            stale = self._stale_map(manifest.stale_map_zstd)
         unclean = pre.get("unclean") or []
         if unclean:  # batches of these lanes may be lost: none of their pages is trusted
             st = bytearray(stale)

@@ -45,7 +45,7 @@ from dataclasses import dataclass
 
 from migrator import policy
 from migrator.guest import GuestProcess
-from migrator.pagemaps import FLIP01, or_bytes
+from migrator.pagemaps import FLIP01
 from migrator.shm import Shared
 from migrator.source import shared as sh
 from migrator.source.ram_reader import RamReader
@@ -79,6 +79,7 @@ class Progress:
     round_s: float
     done: bool = False
     why: str = ""
+    stale: bytes = b""  # with done: the stale map then (1 = stale)
 
 
 class Precopy:
@@ -90,7 +91,7 @@ class Precopy:
         self.rounds: list[tuple[int, int, float]] = []
         self.sent_pages = 0
         self._tracker: DirtyTracker | None = None
-        self._recent: deque[tuple[float, bytes]] = deque()  # (monotonic, pages written by that scan)
+        self._recent: deque[tuple[float, int]] = deque()  # (monotonic, pages written by that scan, as an int)
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the tracker: one scan at a time, and none after freeze
         self._thread: threading.Thread | None = None
@@ -143,10 +144,14 @@ class Precopy:
                 need[a : a + k] = bytes(k)
                 untouched[a : a + k] = bytes(k)
             now = time.monotonic()
-            self._recent.append((now, d))
+            self._recent.append((now, int.from_bytes(d, "little")))  # OR-ed at C speed at the pause
             while self._recent and now - self._recent[0][0] > HOT_WINDOW_S:
                 self._recent.popleft()
         return d
+
+    def _stale_map(self) -> bytes:
+        """One byte per page, 1 = stale now (need 0); lanes are done claiming when it is asked."""
+        return bytes(self.sh.regions["need"]).translate(FLIP01)
 
     def _stale(self) -> int:
         return bytes(self.sh.regions["need"]).count(0)
@@ -191,7 +196,8 @@ class Precopy:
             if why:
                 self.done_why = why
                 self.sh.words[sh.PRE_DONE] = self.epoch  # first: the lanes end before the destination asks
-            self.progress.put(Progress(len(self.rounds), size, dirty, self.sent_pages, took, done=bool(why), why=why))
+            self.progress.put(Progress(len(self.rounds), size, dirty, self.sent_pages, took, done=bool(why), why=why,
+                                       stale=self._stale_map() if why else b""))  # fmt: skip
             if why:
                 self.progress.put(None)
                 return
@@ -200,7 +206,8 @@ class Precopy:
     def _finish(self, why: str) -> None:
         self.done_why = why
         self.sh.words[sh.PRE_DONE] = self.epoch  # the lanes finish their batch and end
-        self.progress.put(Progress(len(self.rounds), 0, self._stale(), self.sent_pages, 0.0, done=True, why=why))
+        self.progress.put(Progress(len(self.rounds), 0, self._stale(), self.sent_pages, 0.0, done=True, why=why,
+                                   stale=b"" if self.req.track_only else self._stale_map()))  # fmt: skip
         self.progress.put(None)
 
     # -- the end -------------------------------------------------------------------------
@@ -209,23 +216,26 @@ class Precopy:
         map (one byte per page, 1 = the destination's copy may be stale) and sets
         the hot map if asked for."""
         self._stop.set()
-        d = self._scan()
+        self._scan()
         with self._lock:
-            if self._tracker is not None:
-                self._tracker.close()
-                self._tracker = None
+            tracker, self._tracker = self._tracker, None
+        if tracker is not None:
+            # closing it makes the kernel drop the protection of every page (~25 ms per
+            # GiB here): not in the downtime; the guest is paused, nothing is written
+            threading.Thread(target=tracker.close, name="untrack", daemon=True).start()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         m = self.sh.regions
         if self.req.track_only:
             m["need"][:] = bytes(m["untouched"])  # pure post-copy: every touched page is still to send
         if self.req.hot_first:
-            hot = d or bytes(self.npages)
+            hot = 0  # the last scan is in _recent too
             for _t, recent in self._recent:
-                hot = or_bytes(hot, recent)
-            m["hot"][:] = policy.and_not(hot, bytes(m["need"]).translate(FLIP01))  # hot and still to send
+                hot |= recent
+            hot &= ~int.from_bytes(m["need"], "little")  # hot and still to send (need 0)
+            m["hot"][:] = hot.to_bytes(self.npages, "little")
             self.sh.words[sh.HOT] = 1
-        return bytes(m["need"]).translate(FLIP01)
+        return self._stale_map()
 
     def abort(self) -> None:
         """The pre-copy ends without a pause: tracking stops (the guest runs on here)."""

@@ -226,8 +226,10 @@ class SourceSession:
                     return
                 if p.done:
                     self.events.put(f"pre-copy done after {len(pc.rounds)} rounds, {p.sent_pages} pages sent ({p.why})")
+                stale = zstandard.ZstdCompressor(level=1).compress(p.stale) if p.stale else b""
                 yield pb.PrecopyProgress(epoch=epoch, round=p.round, round_pages=p.round_pages, dirty_pages=p.dirty_pages,
-                                         sent_pages=p.sent_pages, round_s=p.round_s, done=p.done, why=p.why)  # fmt: skip
+                                         sent_pages=p.sent_pages, round_s=p.round_s, done=p.done, why=p.why,
+                                         stale_map_zstd=stale)  # fmt: skip
         finally:
             with self._lock:
                 self._precopy_idle = time.monotonic()
@@ -286,7 +288,9 @@ class SourceSession:
         stale = b""
         if pc is not None:
             # the tracker's maps stand (untouched, need = still to send, hot): a last scan
+            t = time.perf_counter()
             stale = pc.freeze()
+            log.debug("pre-copy freeze %.1f ms", (time.perf_counter() - t) * 1e3)
             m["sent"][:] = zeros
         else:
             self.shared.words[sh.HOT] = 0

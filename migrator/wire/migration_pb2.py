@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmigrator/wire/migration.proto\x12\rmigrator.wire\"+\n\x0f\x44\x65scribeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"C\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rsession_token\x18\x02 \x01(\x0c\"\xdd\x02\n\x08Manifest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08ram_size\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\nvcpu_state\x18\x05 \x01(\x0c\x12\x16\n\x0epaused_unix_ns\x18\x07 \x01(\x04\x12\r\n\x05vcpus\x18\x08 \x01(\r\x12\x18\n\x10ops_per_s_before\x18\t \x01(\x01\x12\x11\n\tguest_pid\x18\n \x01(\x04\x12\x1d\n\x15switchover_timeout_ms\x18\x0b \x01(\r\x12\x1a\n\x12urgent_port_offset\x18\x0c \x01(\r\x12\x19\n\x11lane_port_offsets\x18\r \x03(\r\x12\x16\n\x0estale_map_zstd\x18\x0e \x01(\x0c\x12\x15\n\rprecopy_pages\x18\x0f \x01(\x04\x12\x16\n\x0eprecopy_rounds\x18\x10 \x01(\r\"\x87\x01\n\x0ePrecopyRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rsession_token\x18\x02 \x01(\x0c\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0c\n\x04\x61uto\x18\x04 \x01(\x08\x12\x12\n\ntrack_only\x18\x05 \x01(\x08\x12\x11\n\thot_first\x18\x06 \x01(\x08\"\x99\x01\n\x0fPrecopyProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bround_pages\x18\x03 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x04 \x01(\x04\x12\x12\n\nsent_pages\x18\x05 \x01(\x04\x12\x0f\n\x07round_s\x18\x06 \x01(\x01\x12\x0c\n\x04\x64one\x18\x07 \x01(\x08\x12\x0b\n\x03why\x18\x08 \x01(\t\"\"\n\x11SwitchoverRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x11\n\x0fSwitchoverReply\"U\n\rDemandRequest\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"\xd5\x01\n\rStreamControl\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x16\n\tseek_page\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12(\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x14.migrator.wire.CodecH\x01\x88\x01\x01\x12\x13\n\x0b\x62\x61tch_pages\x18\x03 \x01(\r\x12\x18\n\x10missing_map_zstd\x18\x04 \x01(\x0c\x12\x0c\n\x04lane\x18\x06 \x01(\r\x12\r\n\x05lanes\x18\x07 \x01(\r\x12\x0f\n\x07precopy\x18\x08 \x01(\x08\x42\x0c\n\n_seek_pageB\x08\n\x06_codec\"\x83\x02\n\tPageBatch\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05\x66lags\x18\x04 \x01(\x0c\x12#\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x14.migrator.wire.Codec\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08raw_size\x18\x07 \x01(\r\x12\x0c\n\x04xxh3\x18\r \x01(\x06\x12\x0c\n\x04last\x18\t \x01(\x08\x12\x14\n\x0csent_unix_ns\x18\n \x01(\x04\x12\x15\n\rzero_map_zstd\x18\x0b \x01(\x0c\x12\r\n\x05round\x18\x0e \x01(\rJ\x04\x08\x08\x10\t\"F\n\x0f\x43ompleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0fpages_installed\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x08\"9\n\rCompleteReply\x12\x14\n\x0cpages_served\x18\x01 \x01(\x04\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\".\n\rCancelRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0b\x43\x61ncelReply\" \n\x0fRollbackRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\" \n\rRollbackReply\x12\x0f\n\x07message\x18\x01 \x01(\t*\'\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZSTD\x10\x01\x32\x97\x05\n\tMigration\x12\x43\n\x08\x44\x65scribe\x12\x1e.migrator.wire.DescribeRequest\x1a\x17.migrator.wire.Manifest\x12\x45\n\tHandshake\x12\x1f.migrator.wire.HandshakeRequest\x1a\x17.migrator.wire.Manifest\x12N\n\nSwitchover\x12 .migrator.wire.SwitchoverRequest\x1a\x1e.migrator.wire.SwitchoverReply\x12J\n\x07Precopy\x12\x1d.migrator.wire.PrecopyRequest\x1a\x1e.migrator.wire.PrecopyProgress0\x01\x12\x44\n\x06\x44\x65mand\x12\x1c.migrator.wire.DemandRequest\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12\x44\n\x06Stream\x12\x1c.migrator.wire.StreamControl\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12H\n\x08\x43omplete\x12\x1e.migrator.wire.CompleteRequest\x1a\x1c.migrator.wire.CompleteReply\x12\x42\n\x06\x43\x61ncel\x12\x1c.migrator.wire.CancelRequest\x1a\x1a.migrator.wire.CancelReply\x12H\n\x08Rollback\x12\x1e.migrator.wire.RollbackRequest\x1a\x1c.migrator.wire.RollbackReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmigrator/wire/migration.proto\x12\rmigrator.wire\"+\n\x0f\x44\x65scribeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"C\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rsession_token\x18\x02 \x01(\x0c\"\xdd\x02\n\x08Manifest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08ram_size\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\nvcpu_state\x18\x05 \x01(\x0c\x12\x16\n\x0epaused_unix_ns\x18\x07 \x01(\x04\x12\r\n\x05vcpus\x18\x08 \x01(\r\x12\x18\n\x10ops_per_s_before\x18\t \x01(\x01\x12\x11\n\tguest_pid\x18\n \x01(\x04\x12\x1d\n\x15switchover_timeout_ms\x18\x0b \x01(\r\x12\x1a\n\x12urgent_port_offset\x18\x0c \x01(\r\x12\x19\n\x11lane_port_offsets\x18\r \x03(\r\x12\x16\n\x0estale_map_zstd\x18\x0e \x01(\x0c\x12\x15\n\rprecopy_pages\x18\x0f \x01(\x04\x12\x16\n\x0eprecopy_rounds\x18\x10 \x01(\r\"\x87\x01\n\x0ePrecopyRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rsession_token\x18\x02 \x01(\x0c\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0c\n\x04\x61uto\x18\x04 \x01(\x08\x12\x12\n\ntrack_only\x18\x05 \x01(\x08\x12\x11\n\thot_first\x18\x06 \x01(\x08\"\xb1\x01\n\x0fPrecopyProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bround_pages\x18\x03 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x04 \x01(\x04\x12\x12\n\nsent_pages\x18\x05 \x01(\x04\x12\x0f\n\x07round_s\x18\x06 \x01(\x01\x12\x0c\n\x04\x64one\x18\x07 \x01(\x08\x12\x0b\n\x03why\x18\x08 \x01(\t\x12\x16\n\x0estale_map_zstd\x18\t \x01(\x0c\"\"\n\x11SwitchoverRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x11\n\x0fSwitchoverReply\"U\n\rDemandRequest\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\"\xd5\x01\n\rStreamControl\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x16\n\tseek_page\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12(\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x14.migrator.wire.CodecH\x01\x88\x01\x01\x12\x13\n\x0b\x62\x61tch_pages\x18\x03 \x01(\r\x12\x18\n\x10missing_map_zstd\x18\x04 \x01(\x0c\x12\x0c\n\x04lane\x18\x06 \x01(\r\x12\r\n\x05lanes\x18\x07 \x01(\r\x12\x0f\n\x07precopy\x18\x08 \x01(\x08\x42\x0c\n\n_seek_pageB\x08\n\x06_codec\"\x83\x02\n\tPageBatch\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05\x66lags\x18\x04 \x01(\x0c\x12#\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x14.migrator.wire.Codec\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08raw_size\x18\x07 \x01(\r\x12\x0c\n\x04xxh3\x18\r \x01(\x06\x12\x0c\n\x04last\x18\t \x01(\x08\x12\x14\n\x0csent_unix_ns\x18\n \x01(\x04\x12\x15\n\rzero_map_zstd\x18\x0b \x01(\x0c\x12\r\n\x05round\x18\x0e \x01(\rJ\x04\x08\x08\x10\t\"F\n\x0f\x43ompleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0fpages_installed\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x08\"9\n\rCompleteReply\x12\x14\n\x0cpages_served\x18\x01 \x01(\x04\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\".\n\rCancelRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0b\x43\x61ncelReply\" \n\x0fRollbackRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\" \n\rRollbackReply\x12\x0f\n\x07message\x18\x01 \x01(\t*\'\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZSTD\x10\x01\x32\x97\x05\n\tMigration\x12\x43\n\x08\x44\x65scribe\x12\x1e.migrator.wire.DescribeRequest\x1a\x17.migrator.wire.Manifest\x12\x45\n\tHandshake\x12\x1f.migrator.wire.HandshakeRequest\x1a\x17.migrator.wire.Manifest\x12N\n\nSwitchover\x12 .migrator.wire.SwitchoverRequest\x1a\x1e.migrator.wire.SwitchoverReply\x12J\n\x07Precopy\x12\x1d.migrator.wire.PrecopyRequest\x1a\x1e.migrator.wire.PrecopyProgress0\x01\x12\x44\n\x06\x44\x65mand\x12\x1c.migrator.wire.DemandRequest\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12\x44\n\x06Stream\x12\x1c.migrator.wire.StreamControl\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12H\n\x08\x43omplete\x12\x1e.migrator.wire.CompleteRequest\x1a\x1c.migrator.wire.CompleteReply\x12\x42\n\x06\x43\x61ncel\x12\x1c.migrator.wire.CancelRequest\x1a\x1a.migrator.wire.CancelReply\x12H\n\x08Rollback\x12\x1e.migrator.wire.RollbackRequest\x1a\x1c.migrator.wire.RollbackReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'migrator.wire.migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=1690
-  _globals['_CODEC']._serialized_end=1729
+  _globals['_CODEC']._serialized_start=1714
+  _globals['_CODEC']._serialized_end=1753
   _globals['_DESCRIBEREQUEST']._serialized_start=48
   _globals['_DESCRIBEREQUEST']._serialized_end=91
   _globals['_HANDSHAKEREQUEST']._serialized_start=93
@@ -42,29 +42,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PRECOPYREQUEST']._serialized_start=515
   _globals['_PRECOPYREQUEST']._serialized_end=650
   _globals['_PRECOPYPROGRESS']._serialized_start=653
-  _globals['_PRECOPYPROGRESS']._serialized_end=806
-  _globals['_SWITCHOVERREQUEST']._serialized_start=808
-  _globals['_SWITCHOVERREQUEST']._serialized_end=842
-  _globals['_SWITCHOVERREPLY']._serialized_start=844
-  _globals['_SWITCHOVERREPLY']._serialized_end=861
-  _globals['_DEMANDREQUEST']._serialized_start=863
-  _globals['_DEMANDREQUEST']._serialized_end=948
-  _globals['_STREAMCONTROL']._serialized_start=951
-  _globals['_STREAMCONTROL']._serialized_end=1164
-  _globals['_PAGEBATCH']._serialized_start=1167
-  _globals['_PAGEBATCH']._serialized_end=1426
-  _globals['_COMPLETEREQUEST']._serialized_start=1428
-  _globals['_COMPLETEREQUEST']._serialized_end=1498
-  _globals['_COMPLETEREPLY']._serialized_start=1500
-  _globals['_COMPLETEREPLY']._serialized_end=1557
-  _globals['_CANCELREQUEST']._serialized_start=1559
-  _globals['_CANCELREQUEST']._serialized_end=1605
-  _globals['_CANCELREPLY']._serialized_start=1607
-  _globals['_CANCELREPLY']._serialized_end=1620
-  _globals['_ROLLBACKREQUEST']._serialized_start=1622
-  _globals['_ROLLBACKREQUEST']._serialized_end=1654
-  _globals['_ROLLBACKREPLY']._serialized_start=1656
-  _globals['_ROLLBACKREPLY']._serialized_end=1688
-  _globals['_MIGRATION']._serialized_start=1732
-  _globals['_MIGRATION']._serialized_end=2395
+  _globals['_PRECOPYPROGRESS']._serialized_end=830
+  _globals['_SWITCHOVERREQUEST']._serialized_start=832
+  _globals['_SWITCHOVERREQUEST']._serialized_end=866
+  _globals['_SWITCHOVERREPLY']._serialized_start=868
+  _globals['_SWITCHOVERREPLY']._serialized_end=885
+  _globals['_DEMANDREQUEST']._serialized_start=887
+  _globals['_DEMANDREQUEST']._serialized_end=972
+  _globals['_STREAMCONTROL']._serialized_start=975
+  _globals['_STREAMCONTROL']._serialized_end=1188
+  _globals['_PAGEBATCH']._serialized_start=1191
+  _globals['_PAGEBATCH']._serialized_end=1450
+  _globals['_COMPLETEREQUEST']._serialized_start=1452
+  _globals['_COMPLETEREQUEST']._serialized_end=1522
+  _globals['_COMPLETEREPLY']._serialized_start=1524
+  _globals['_COMPLETEREPLY']._serialized_end=1581
+  _globals['_CANCELREQUEST']._serialized_start=1583
+  _globals['_CANCELREQUEST']._serialized_end=1629
+  _globals['_CANCELREPLY']._serialized_start=1631
+  _globals['_CANCELREPLY']._serialized_end=1644
+  _globals['_ROLLBACKREQUEST']._serialized_start=1646
+  _globals['_ROLLBACKREQUEST']._serialized_end=1678
+  _globals['_ROLLBACKREPLY']._serialized_start=1680
+  _globals['_ROLLBACKREPLY']._serialized_end=1712
+  _globals['_MIGRATION']._serialized_start=1756
+  _globals['_MIGRATION']._serialized_end=2419
 # @@protoc_insertion_point(module_scope)

@@ -79,7 +79,7 @@ class PrecopyRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., session_token: _Optional[bytes] = ..., seconds: _Optional[float] = ..., auto: _Optional[bool] = ..., track_only: _Optional[bool] = ..., hot_first: _Optional[bool] = ...) -> None: ...
 
 class PrecopyProgress(_message.Message):
-    __slots__ = ("epoch", "round", "round_pages", "dirty_pages", "sent_pages", "round_s", "done", "why")
+    __slots__ = ("epoch", "round", "round_pages", "dirty_pages", "sent_pages", "round_s", "done", "why", "stale_map_zstd")
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ROUND_PAGES_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class PrecopyProgress(_message.Message):
     ROUND_S_FIELD_NUMBER: _ClassVar[int]
     DONE_FIELD_NUMBER: _ClassVar[int]
     WHY_FIELD_NUMBER: _ClassVar[int]
+    STALE_MAP_ZSTD_FIELD_NUMBER: _ClassVar[int]
     epoch: int
     round: int
     round_pages: int
@@ -96,7 +97,8 @@ class PrecopyProgress(_message.Message):
     round_s: float
     done: bool
     why: str
-    def __init__(self, epoch: _Optional[int] = ..., round: _Optional[int] = ..., round_pages: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., round_s: _Optional[float] = ..., done: _Optional[bool] = ..., why: _Optional[str] = ...) -> None: ...
+    stale_map_zstd: bytes
+    def __init__(self, epoch: _Optional[int] = ..., round: _Optional[int] = ..., round_pages: _Optional[int] = ..., dirty_pages: _Optional[int] = ..., sent_pages: _Optional[int] = ..., round_s: _Optional[float] = ..., done: _Optional[bool] = ..., why: _Optional[str] = ..., stale_map_zstd: _Optional[bytes] = ...) -> None: ...
 
 class SwitchoverRequest(_message.Message):
     __slots__ = ("epoch",)
