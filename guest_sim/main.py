@@ -194,7 +194,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ram", type=int, required=True, help="RAM size in bytes")
     p.add_argument("--page-size", type=int, default=os.sysconf("SC_PAGESIZE"))
     p.add_argument("--vcpus", type=int, default=2)
-    p.add_argument("--workload", default="random", choices=["random", "sequential", "hotset"])
+    p.add_argument("--workload", default="random", choices=["random", "sequential", "hotset", "hotscatter"])
     p.add_argument("--write-ratio", type=float, default=0.5)
     p.add_argument("--zero-pct", type=int, default=40)
     p.add_argument("--text-pct", type=int, default=30)

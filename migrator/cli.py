@@ -168,7 +168,7 @@ def guest_options(f: Any) -> Any:
     opts = [
         click.option("--ram", type=SIZE, default="256MiB", show_default=True, help="Guest RAM size."),
         click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True),
-        click.option("--workload", type=click.Choice(["random", "sequential", "hotset"]), default="random", show_default=True),
+        click.option("--workload", type=click.Choice(["random", "sequential", "hotset", "hotscatter"]), default="random", show_default=True),
         click.option("--write-ratio", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Share of accesses that write."),
         click.option("--zero-pct", type=click.IntRange(0, 100), default=40, show_default=True, help="Pages never written at start."),
         click.option("--text-pct", type=click.IntRange(0, 100), default=30, show_default=True, help="Compressible pages at start."),
