@@ -16,7 +16,9 @@ and set it to 1 *before* reading the page.  This driver thread:
 3. once done, it keeps scanning every ``SCAN_S`` (marking stale pages, and
    remembering which were written when: the hot pages) until the handshake
    calls :meth:`Precopy.freeze`, which, with the guest paused, scans a last
-   time and closes the tracker.
+   time; the tracker is closed when that migration's epoch ends
+   (:meth:`Precopy.release`: closing costs ~25 ms of kernel time per GiB, which
+   the downtime should not pay).
 
 Why this is never stale: a page's content on the destination is at least as
 new as its last read by a lane; that read came after ``need`` was set to 1,
@@ -91,6 +93,7 @@ class Precopy:
         self.rounds: list[tuple[int, int, float]] = []
         self.sent_pages = 0
         self._tracker: DirtyTracker | None = None
+        self._frozen: DirtyTracker | None = None  # after the pause: closed by release()
         self._recent: deque[tuple[float, int]] = deque()  # (monotonic, pages written by that scan, as an int)
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the tracker: one scan at a time, and none after freeze
@@ -218,11 +221,10 @@ class Precopy:
         self._stop.set()
         self._scan()
         with self._lock:
-            tracker, self._tracker = self._tracker, None
-        if tracker is not None:
-            # closing it makes the kernel drop the protection of every page (~25 ms per
-            # GiB here): not in the downtime; the guest is paused, nothing is written
-            threading.Thread(target=tracker.close, name="untrack", daemon=True).start()
+            # kept open: closing it makes the kernel drop the protection of every page
+            # (~25 ms per GiB here, and a CPU of this two-core machine): :meth:`release`
+            # does it once the epoch ends; the guest is paused, so no scan is needed
+            self._frozen, self._tracker = self._tracker, None
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         m = self.sh.regions
@@ -237,11 +239,20 @@ class Precopy:
             self.sh.words[sh.HOT] = 1
         return self._stale_map()
 
+    def release(self) -> None:
+        """After the pause's epoch ended (completed, cancelled, rolled back): stop tracking,
+        in the background."""
+        with self._lock:
+            tracker, self._frozen = self._frozen, None
+        if tracker is not None:
+            threading.Thread(target=tracker.close, name="untrack", daemon=True).start()
+
     def abort(self) -> None:
         """The pre-copy ends without a pause: tracking stops (the guest runs on here)."""
         self._stop.set()
         with self._lock:
-            if self._tracker is not None:
-                self._tracker.close()
-                self._tracker = None
+            trackers = [t for t in (self._tracker, self._frozen) if t is not None]
+            self._tracker = self._frozen = None
+        for t in trackers:
+            t.close()
         self.progress.put(None)

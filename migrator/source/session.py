@@ -97,6 +97,7 @@ class SourceSession:
         self.paused_ns = 0
         self._precopy: Precopy | None = None
         self._precopy_idle = 0.0  # monotonic: when the pre-copy's progress stream closed (0 = open)
+        self._untrack: Precopy | None = None  # its tracker stays open until the pause's epoch ends
 
     @property
     def phase(self) -> str:
@@ -153,6 +154,9 @@ class SourceSession:
     def _end_epoch(self, epoch: int, why: str) -> None:
         """Every worker stops serving ``epoch`` (and says so) before this returns.
         Caller does not hold the lock."""
+        untrack, self._untrack = self._untrack, None
+        if untrack is not None and why != PRECOPY_ENDED:
+            untrack.release()  # the paused guest's tracker, kept through the downtime
         words = self.shared.words
         words[sh.ENDED_WHY] = sh.WHY.index(why) if why in sh.WHY else 0
         words[sh.ENDED_EPOCH] = epoch
@@ -264,6 +268,7 @@ class SourceSession:
             pc, self._precopy = (self._precopy, None) if pre_epoch else (None, None)
         if pre_epoch:
             self._end_epoch(pre_epoch, PRECOPY_ENDED)  # the lanes stop pre-copying (before the pause)
+        self._untrack = pc
         try:
             manifest = self._pause(pc)
         except BaseException as exc:
@@ -448,8 +453,9 @@ class SourceSession:
 
     def close(self) -> None:
         self._rate.stop()
-        if self._precopy is not None:
-            self._precopy.abort()
+        for pc in (self._precopy, self._untrack):
+            if pc is not None:
+                pc.abort()
         for w in self.workers:
             w.stop(timeout=3)
         self._reader.close()
