@@ -243,7 +243,7 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
         click.option("--no-verify", is_flag=True, help="Skip the guest's full self-check at the end."),
         click.option("--reconnect-deadline", type=click.FloatRange(0), default=300.0, show_default=True,
                      help="Seconds to keep reconnecting to a lost source before giving up."),  # fmt: skip
-        click.option("--precopy", type=PrecopyType(), default="0", show_default=True,
+        click.option("--precopy", type=PrecopyType(), default="0", show_default=True, metavar="SECONDS|auto|0",
                      help="Pre-copy first: stream the running guest's pages (and again those it writes) for up to "
                           "SECONDS, or until the rounds stop shrinking (auto), then switch to post-copy; 0 = pure post-copy."),
         click.option("--hot-first", is_flag=True,

@@ -236,3 +236,38 @@ def test_abandoned_precopy_leaves_the_source_guest_running(tmp_path: Path) -> No
         finally:
             session.close()
         json.dumps(out.precopy)
+
+
+FAKE_PEER = '''
+import json, os, sys
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+def metrics(r):  # the real peer's names (shared/peers/qemu_postcopy.py)
+    q, d = r["src_query"], r["dst_query"]
+    return {"total_ms": q["total-time"], "ev_downtime_ms": r["timeline"]["event_downtime_ms"],
+            "pc_req": q["ram"]["postcopy-requests"], "vcpu_bt_ms": d["postcopy-vcpu-blocktime"][0]}
+if __name__ == "__main__":
+    args = dict(zip(sys.argv[1::2], sys.argv[2::2]))
+    os.makedirs(RESULTS, exist_ok=True)
+    with open(os.path.join(RESULTS, "qemu-" + args["--tag"] + ".jsonl"), "w") as f:
+        f.write(json.dumps({"meta": {}}) + "\\n")
+        for rep in range(int(args["--reps"])):
+            for i, name in enumerate(args["--configs"].split(",")):
+                f.write(json.dumps({"config": name, "src_query": {"total-time": 1000 + i, "ram": {"postcopy-requests": 50 + rep}},
+                                    "dst_query": {"postcopy-vcpu-blocktime": [188.0]},
+                                    "timeline": {"event_downtime_ms": 9.0}}) + "\\n")
+        f.write(json.dumps({"config": "pure-1G", "error": "boom"}) + "\\n")
+'''
+
+
+def test_bench_reads_the_qemu_peers_results(tmp_path: Path) -> None:
+    """bench precopy --peer: the peer's own script runs, its JSON lines become our columns
+    (a stand-in peer with the real one's interface: running QEMU takes minutes and root)."""
+    from migrator.bench.precopy import PEER_CONFIGS, run_peer
+
+    script = tmp_path / "peer.py"
+    script.write_text(FAKE_PEER)
+    got = run_peer(str(script), 2, lambda _m: None)
+    assert set(got) == set(PEER_CONFIGS)
+    assert got["pure-1G"]["total_with_precopy_ms"] == [1000.0, 1000.0]
+    assert got["pre1s-1G"]["demand_requests"] == [50.0, 51.0]
+    assert got["pre1s-1G"]["blocked_ms"] == [188.0, 188.0] and got["pure-1G"]["downtime_ms"] == [9.0, 9.0]
