@@ -38,10 +38,11 @@ import ipaddress
 import json
 import logging
 import os
+import queue
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -159,6 +160,7 @@ class DestinationSession:
             self.control = GrpcControl(cfg.source, secret=cfg.secret, tls=cfg.tls, connect_timeout=cfg.connect_timeout)
         ctl = self.control
         desc = ctl.describe()
+        tracking = self._track_early()  # hot-first alone: the source tracks while this side starts
         spec = GuestSpec(ram=desc.ram_size, page_size=desc.page_size, vcpus=desc.vcpus or 2, incoming=True)
         self.guest = guest = GuestProcess(spec)
         h = guest.hello
@@ -174,7 +176,7 @@ class DestinationSession:
             # Everything that does not need the manifest is ready before the pause.
             self.crew = crew = self._start_crew(desc, ps, uffd.fd, h.addr, h.page_size)
             niced = deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
-            pre = self._precopy(crew, guest.hello.pid) if cfg.precopy or cfg.precopy_auto or cfg.hot_first else {}
+            pre = self._precopy(crew, guest.hello.pid, tracking) if cfg.precopy or cfg.precopy_auto or cfg.hot_first else {}
             # the source pauses; a source gone before it answered will not come back: a shorter wait
             manifest = self._retrying("handshake", lambda: ctl.handshake(self.token), min(cfg.reconnect_deadline, 30.0))
             t_hs = time.time_ns()
@@ -227,7 +229,37 @@ class DestinationSession:
         self.release.start()
         return out
 
-    def _precopy(self, crew: Crew, guest_pid: int) -> dict[str, Any]:
+    def _track_early(self) -> Iterator[pb.PrecopyProgress] | None:
+        """``--hot-first`` without pre-copy: start the source's tracking now, so that its
+        second of learning overlaps this side's start (the guest, the workers); the
+        progress is read on a thread and replayed by :meth:`_precopy`."""
+        cfg = self.cfg
+        precopy = getattr(self.control, "precopy", None)
+        if not cfg.hot_first or cfg.precopy or cfg.precopy_auto or precopy is None:
+            return None
+        q: queue.SimpleQueue[pb.PrecopyProgress | BaseException | None] = queue.SimpleQueue()
+
+        def run() -> None:
+            try:
+                for p in precopy(self.token, seconds=0.0, auto=False, track_only=True, hot_first=True):
+                    q.put(p)
+                    if p.done:
+                        break
+                q.put(None)
+            except BaseException as exc:  # noqa: BLE001 - replayed on the session's thread
+                q.put(exc)
+
+        threading.Thread(target=run, name="track", daemon=True).start()
+
+        def replay() -> Iterator[pb.PrecopyProgress]:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        return replay()
+
+    def _precopy(self, crew: Crew, guest_pid: int, tracking: Iterator[pb.PrecopyProgress] | None) -> dict[str, Any]:
         """Step 2b: the source's pre-copy (or hot-page tracking) until it says "switch now";
         the lanes install its rounds.  Returns what it did.  A source that cannot is
         said once, and the migration goes on as pure post-copy."""
@@ -242,8 +274,9 @@ class DestinationSession:
         started = False
         early_stale = b""
         try:
-            for p in precopy(self.token, seconds=cfg.precopy, auto=cfg.precopy_auto, track_only=track_only,
-                             hot_first=cfg.hot_first):  # fmt: skip
+            progress = tracking if tracking is not None else precopy(
+                self.token, seconds=cfg.precopy, auto=cfg.precopy_auto, track_only=track_only, hot_first=cfg.hot_first)
+            for p in progress:
                 if not started:
                     started = True
                     if not track_only:
