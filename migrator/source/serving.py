@@ -36,6 +36,8 @@ from migrator.wire import migration_pb2 as pb
 
 MAX_DEMAND_PAGES = 256
 MAX_BATCH_PAGES = 1024
+# a bulk batch covers at most this many pages (its flags, one byte each), whatever it sends of them
+MAX_SPAN = 16384
 DEFAULT_BATCH_PAGES = 512
 # open streams of one migration per worker, per kind: a destination uses one
 # demand stream and one stream per lane (more only while a reconnection tears
@@ -198,7 +200,7 @@ class PageServer:
                 pass
 
         threading.Thread(target=follow, name="bulk-control", daemon=True).start()
-        builder = BatchBuilder(self.reader, self.untouched, batch_pages, running=precopy)
+        builder = BatchBuilder(self.reader, self.untouched, batch_pages, running=precopy, max_span=MAX_SPAN)
         first_lane = ctl0.lane == 0 and not precopy
         zero_map = zstandard.ZstdCompressor(level=3).compress(bytes(self.untouched)) if first_lane else b""
         need = self.need
@@ -221,11 +223,8 @@ class PageServer:
                 continue
             if p < 0:
                 break
-            stop = min(p + batch_pages, end)
-            include = bytes(need[p:stop]).translate(FLIP01)
+            stop, include = self._window(p, end, batch_pages, hot)
             if hot is not None:
-                n = stop - p
-                include = (int.from_bytes(include, "little") & int.from_bytes(hot[p:stop], "little")).to_bytes(n, "little")
                 hot[p:stop] = bytes(stop - p)
                 if not include.count(1):  # all sent already (on demand)
                     continue
@@ -244,6 +243,26 @@ class PageServer:
             yield built.message
         last = pb.PageBatch(epoch=epoch, last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map)
         yield last.SerializeToString()
+
+    def _window(self, p: int, end: int, batch_pages: int, hot: memoryview | None) -> tuple[int, bytes]:
+        """The next batch from page ``p``: (its end, one include byte per page).  It holds
+        up to ``batch_pages`` pages to send (those still needed, and hot if ``hot``) and
+        spans at most ``MAX_SPAN`` pages: scattered pages (hot ones, stale ones after a
+        pre-copy) share a batch instead of making one each."""
+        stop = min(p + batch_pages, end)
+        include = bytes(self.need[p:stop]).translate(FLIP01)
+        if hot is None and include.count(1) == stop - p:
+            return stop, include  # dense: the common case, as before
+        stop = min(p + MAX_SPAN, end)
+        include = bytes(self.need[p:stop]).translate(FLIP01)
+        if hot is not None:
+            include = (int.from_bytes(include, "little") & int.from_bytes(hot[p:stop], "little")).to_bytes(stop - p, "little")
+        if include.count(1) > batch_pages:  # end the batch just after its batch_pages-th page
+            k = -1
+            for _ in range(batch_pages):
+                k = include.find(1, k + 1)
+            stop, include = p + k + 1, include[: k + 1]
+        return stop, include
 
     def _find(self, region: str, value: bytes, pos: int, start: int, end: int) -> int:
         """First page from ``pos`` (then from ``start``) to ``end`` whose byte in the
