@@ -31,19 +31,30 @@ the post-copy totals the session watches.
 
 from __future__ import annotations
 
+import logging
 import os
+import queue
 import threading
-from collections.abc import Callable
-from typing import Any
+import time
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from migrator import policy
+from migrator.config import DestConfig
 from migrator.dest.install import Decoded, Installer
 from migrator.dest.pagestate import MISSING, PRESENT, PageState
 from migrator.dest.source_client import BulkStream, PageSource
-from migrator.errors import GuestError, MigratorError
-from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED
+from migrator.errors import GuestError, MigrationEnded, MigratorError, ProtocolError, SourceFailed
+from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, decompress_exact, is_01
+from migrator.source.serving import lane_range
 from migrator.wire import migration_pb2 as pb
 from migrator.workers import set_thread_name
+
+if TYPE_CHECKING:
+    from migrator.dest.crew import Crew
+    from migrator.guest import GuestProcess
+
+log = logging.getLogger("migrator.dest")
 
 FINISH_S = 30.0  # a done pre-copy's streams end within this (the source sends `last`)
 _PRESENT_ONLY = bytes(1 if b == PRESENT else 0 for b in range(256))
@@ -151,3 +162,145 @@ def discard_runs(ps: PageState, stale: bytes) -> list[tuple[int, int]]:
     assert MISSING == 0 and PRESENT == 3
     ps.state[:] = (int.from_bytes(state, "little") & ~(both_int * 3)).to_bytes(len(state), "little")
     return list(policy.runs_of(both_int.to_bytes(len(stale), "little"), 1, max_run=1 << 30))
+
+
+class PrecopyPhase:
+    """The session's step 2b (``session.py``): the source's pre-copy, or only its
+    hot-page tracking, until it says "switch now"; then, at the switch, which
+    pages installed here must go.  A source that cannot pre-copy is said once
+    (``say``) and the migration goes on as pure post-copy.
+
+    After :meth:`at_switch`: ``base_present`` pages installed by the pre-copy are
+    still valid (the post-copy installs the others), and ``resync`` says that the
+    lanes must tell the source what is missing here (its map of what it sent is
+    not ours).
+    """
+
+    def __init__(self, cfg: DestConfig, control: Any, token: bytes, say: Callable[[str], None],
+                 check: Callable[[], None]) -> None:  # fmt: skip
+        self.cfg, self.control, self.token, self.say, self.check = cfg, control, token, say, check
+        self.track_only = not (cfg.precopy or cfg.precopy_auto)
+        self.wanted = bool(cfg.precopy or cfg.precopy_auto or cfg.hot_first)
+        self.base_present = 0
+        self.resync = False
+        self.done: dict[str, Any] = {}  # what run() did
+        self._tracking: Iterator[pb.PrecopyProgress] | None = None
+
+    def track_early(self) -> None:
+        """``--hot-first`` without pre-copy: start the source's tracking now, so that its
+        second of learning overlaps this side's start (the guest, the workers); the
+        progress is read on a thread and replayed by :meth:`run`."""
+        precopy = getattr(self.control, "precopy", None)
+        if not (self.wanted and self.track_only) or precopy is None:
+            return
+        q: queue.SimpleQueue[pb.PrecopyProgress | BaseException | None] = queue.SimpleQueue()
+
+        def read() -> None:
+            try:
+                for p in precopy(self.token, seconds=0.0, auto=False, track_only=True, hot_first=True):
+                    q.put(p)
+                    if p.done:
+                        break
+                q.put(None)
+            except BaseException as exc:  # noqa: BLE001 - replayed on the session's thread
+                q.put(exc)
+
+        threading.Thread(target=read, name="track", daemon=True).start()
+
+        def replay() -> Iterator[pb.PrecopyProgress]:
+            while (item := q.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+
+        self._tracking = replay()
+
+    def run(self, crew: Crew, ps: PageState, guest: GuestProcess) -> dict[str, Any]:
+        """Until the source says "switch now"; the lanes install its rounds.  Returns
+        what it did (the summary's ``precopy``; empty: nothing)."""
+        cfg, track_only = self.cfg, self.track_only
+        precopy = getattr(self.control, "precopy", None)
+        if not self.wanted:
+            return {}
+        if precopy is None:
+            self.say("this source cannot pre-copy (a local image): pure post-copy")
+            return {}
+        t0 = time.monotonic()
+        out: dict[str, Any] = {"mode": "hot-first tracking" if track_only else "pre-copy", "rounds": 0}
+        started = False
+        early_stale = b""
+        try:
+            progress = self._tracking or precopy(self.token, seconds=cfg.precopy, auto=cfg.precopy_auto,
+                                                 track_only=track_only, hot_first=cfg.hot_first)  # fmt: skip
+            for p in progress:
+                if not started:  # round 0: the pre-copy's epoch, for the lanes
+                    started = True
+                    if not track_only:
+                        crew.start_precopy(p.epoch, guest.hello.pid)
+                    continue
+                self.check()
+                if p.round_pages:
+                    out["rounds"] = p.round
+                    log.info("pre-copy round %d: %d pages in %.0f ms, %d written meanwhile", p.round, p.round_pages,
+                             p.round_s * 1e3, p.dirty_pages)  # fmt: skip
+                if p.done:
+                    out.update(why=p.why, source_sent=p.sent_pages, last_dirty=p.dirty_pages)
+                    early_stale = p.stale_map_zstd
+                    break
+        except (MigrationEnded, ProtocolError, SourceFailed) as exc:
+            if started and not track_only:
+                crew.stop_precopy()
+            self.say(f"the source cannot pre-copy ({exc}): pure post-copy")
+            return {}
+        if not track_only:
+            out.update(crew.stop_precopy())
+            if early_stale and not out["unclean"]:
+                # what went stale before "done" is dropped now, outside the downtime: the
+                # switch drops only what the guest writes after
+                runs = discard_runs(ps, stale_map(early_stale, ps.npages))
+                if runs:
+                    guest.call("discard", timeout=60, runs=runs)
+                out["discarded_early"] = sum(n for _, n in runs)
+        out["seconds"] = time.monotonic() - t0
+        self.done = out
+        return out
+
+    def at_switch(self, manifest: pb.Manifest, ps: PageState, lanes: int) -> list[tuple[int, int]]:
+        """After the handshake: the pages installed here that the guest wrote on the
+        source since, marked missing again; returns their runs, for the guest to drop
+        (in its resume)."""
+        pre = self.done
+        # after a pre-copy the source's map of what it sent is not ours: the lanes say what is missing
+        self.resync = bool(manifest.stale_map_zstd or pre.get("installed"))
+        if not manifest.stale_map_zstd:
+            if not pre.get("installed"):
+                return []
+            # the source ended its pre-copy before our handshake (we were too slow): it
+            # knows nothing of what we have, so nothing pre-copied is trusted
+            stale = b"\x01" * ps.npages
+            pre["why"] = f"{pre.get('why', '')}; the source forgot it: every pre-copied page dropped"
+        else:
+            stale = stale_map(manifest.stale_map_zstd, ps.npages)
+        unclean = pre.get("unclean") or []
+        if unclean:  # batches of these lanes may be lost: none of their pages is trusted
+            st = bytearray(stale)
+            for i in unclean:
+                a, b = lane_range(i, lanes, ps.npages)
+                st[a:b] = b"\x01" * (b - a)
+            stale = bytes(st)
+        runs = discard_runs(ps, stale)
+        pre["discarded"] = sum(n for _, n in runs)
+        self.base_present = bytes(ps.state).count(PRESENT)
+        pre["present_at_switch"] = self.base_present
+        return runs
+
+
+def stale_map(stale_zstd: bytes, npages: int) -> bytes:
+    """A peer's zstd stale map, checked: one 0/1 byte per page; raises ProtocolError."""
+    try:
+        stale = decompress_exact(stale_zstd, npages)
+    except ValueError as exc:
+        raise ProtocolError(f"bad stale map: {exc}") from None
+    if not is_01(stale):
+        raise ProtocolError("stale map must be one 0/1 byte per page")
+    return stale

@@ -38,18 +38,17 @@ import ipaddress
 import json
 import logging
 import os
-import queue
 import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from migrator.config import DestConfig
 from migrator.dest.crew import Crew, event_error
-from migrator.dest.pagestate import EPOCH, PRESENT, PageState
-from migrator.dest.precopy import discard_runs
+from migrator.dest.pagestate import EPOCH, PageState
+from migrator.dest.precopy import PrecopyPhase
 from migrator.dest.priority import deprioritize, restore_priority
 from migrator.dest.release import Release
 from migrator.dest.source_client import Control, GrpcControl, port_address
@@ -61,12 +60,9 @@ from migrator.errors import (
     MigrationEnded,
     MigratorError,
     ProtocolError,
-    SourceFailed,
     SourceUnreachable,
     TransportError,
 )
-from migrator.pagemaps import decompress_exact, is_01
-from migrator.source.serving import lane_range
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.stats import DestStats
 from migrator.uffd import abi
@@ -134,8 +130,7 @@ class DestinationSession:
         self._lanes_due = 0.0
         self._last_ops = 0
         self._switching = False
-        self._resync = False
-        self._base_present = 0  # pages installed before the switch (pre-copy) and still valid
+        self.precopy: PrecopyPhase | None = None
         self.token = os.urandom(16)  # names this destination's handshake (idempotent retries)
         self.say: Callable[[str], None] = lambda m: log.warning("%s", m)
 
@@ -160,7 +155,8 @@ class DestinationSession:
             self.control = GrpcControl(cfg.source, secret=cfg.secret, tls=cfg.tls, connect_timeout=cfg.connect_timeout)
         ctl = self.control
         desc = ctl.describe()
-        tracking = self._track_early()  # hot-first alone: the source tracks while this side starts
+        self.precopy = pre_phase = PrecopyPhase(cfg, ctl, self.token, self.say, self._check)
+        pre_phase.track_early()  # hot-first alone: the source tracks while this side starts
         spec = GuestSpec(ram=desc.ram_size, page_size=desc.page_size, vcpus=desc.vcpus or 2, incoming=True)
         self.guest = guest = GuestProcess(spec)
         h = guest.hello
@@ -176,14 +172,14 @@ class DestinationSession:
             # Everything that does not need the manifest is ready before the pause.
             self.crew = crew = self._start_crew(desc, ps, uffd.fd, h.addr, h.page_size)
             niced = deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
-            pre = self._precopy(crew, guest.hello.pid, tracking) if cfg.precopy or cfg.precopy_auto or cfg.hot_first else {}
+            pre = pre_phase.run(crew, ps, guest)
             # the source pauses; a source gone before it answered will not come back: a shorter wait
             manifest = self._retrying("handshake", lambda: ctl.handshake(self.token), min(cfg.reconnect_deadline, 30.0))
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
             state = json.loads(manifest.vcpu_state)
-            discard = self._stale_pages(manifest, pre)
+            discard = pre_phase.at_switch(manifest, ps, len(crew.lanes))
             t_st = time.time_ns()
             ps.words[EPOCH] = manifest.epoch
             urgent = crew.open_urgent(manifest.epoch)  # opens while the switch-over travels
@@ -195,11 +191,9 @@ class DestinationSession:
             t_sw = time.time_ns()
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio, discard=discard)
             resumed = True
-            # after a pre-copy the source's map of what it sent is not ours: the lanes say what is missing
-            self._resync = bool(manifest.stale_map_zstd or pre.get("installed"))
             self._lanes_due = time.monotonic() + cfg.prefetch_delay  # (held back only to measure an idle bulk)
             if cfg.prefetch_delay <= 0:
-                crew.start_lanes(manifest.epoch, self._resync)
+                crew.start_lanes(manifest.epoch, pre_phase.resync)
                 self._lanes_due = 0.0
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.precopy = pre
@@ -228,129 +222,6 @@ class DestinationSession:
         out.release = self.release
         self.release.start()
         return out
-
-    def _track_early(self) -> Iterator[pb.PrecopyProgress] | None:
-        """``--hot-first`` without pre-copy: start the source's tracking now, so that its
-        second of learning overlaps this side's start (the guest, the workers); the
-        progress is read on a thread and replayed by :meth:`_precopy`."""
-        cfg = self.cfg
-        precopy = getattr(self.control, "precopy", None)
-        if not cfg.hot_first or cfg.precopy or cfg.precopy_auto or precopy is None:
-            return None
-        q: queue.SimpleQueue[pb.PrecopyProgress | BaseException | None] = queue.SimpleQueue()
-
-        def run() -> None:
-            try:
-                for p in precopy(self.token, seconds=0.0, auto=False, track_only=True, hot_first=True):
-                    q.put(p)
-                    if p.done:
-                        break
-                q.put(None)
-            except BaseException as exc:  # noqa: BLE001 - replayed on the session's thread
-                q.put(exc)
-
-        threading.Thread(target=run, name="track", daemon=True).start()
-
-        def replay() -> Iterator[pb.PrecopyProgress]:
-            while (item := q.get()) is not None:
-                if isinstance(item, BaseException):
-                    raise item
-                yield item
-
-        return replay()
-
-    def _precopy(self, crew: Crew, guest_pid: int, tracking: Iterator[pb.PrecopyProgress] | None) -> dict[str, Any]:
-        """Step 2b: the source's pre-copy (or hot-page tracking) until it says "switch now";
-        the lanes install its rounds.  Returns what it did.  A source that cannot is
-        said once, and the migration goes on as pure post-copy."""
-        cfg, ctl = self.cfg, self.control
-        track_only = not (cfg.precopy or cfg.precopy_auto)
-        precopy = getattr(ctl, "precopy", None)
-        if precopy is None:
-            self.say("this source cannot pre-copy (a local image): pure post-copy")
-            return {}
-        t0 = time.monotonic()
-        out: dict[str, Any] = {"mode": "hot-first tracking" if track_only else "pre-copy", "rounds": 0}
-        started = False
-        early_stale = b""
-        try:
-            progress = tracking if tracking is not None else precopy(
-                self.token, seconds=cfg.precopy, auto=cfg.precopy_auto, track_only=track_only, hot_first=cfg.hot_first)
-            for p in progress:
-                if not started:
-                    started = True
-                    if not track_only:
-                        crew.start_precopy(p.epoch, guest_pid)
-                    continue
-                self._check()
-                if p.round_pages:
-                    out["rounds"] = p.round
-                    log.info("pre-copy round %d: %d pages in %.0f ms, %d written meanwhile", p.round, p.round_pages,
-                             p.round_s * 1e3, p.dirty_pages)  # fmt: skip
-                if p.done:
-                    out.update(why=p.why, source_sent=p.sent_pages, last_dirty=p.dirty_pages)
-                    early_stale = p.stale_map_zstd
-                    break
-        except (MigrationEnded, ProtocolError, SourceFailed) as exc:
-            if started and not track_only:
-                crew.stop_precopy()
-            self.say(f"the source cannot pre-copy ({exc}): pure post-copy")
-            return {}
-        if not track_only:
-            out.update(crew.stop_precopy())
-            if early_stale and not out["unclean"]:
-                # what went stale before "done" is dropped now, outside the downtime: the
-                # switch drops only what the guest writes after
-                out["discarded_early"] = self._drop_stale(early_stale)
-        out["seconds"] = time.monotonic() - t0
-        return out
-
-    def _stale_map(self, stale_zstd: bytes) -> bytes:
-        assert self.ps is not None
-        try:
-            stale = decompress_exact(stale_zstd, self.ps.npages)
-        except ValueError as exc:
-            raise ProtocolError(f"bad stale map: {exc}") from None
-        if not is_01(stale):
-            raise ProtocolError("stale map must be one 0/1 byte per page")
-        return stale
-
-    def _drop_stale(self, stale_zstd: bytes) -> int:
-        """Before the handshake: pages installed here and stale at the source are missing
-        again, and the guest drops them.  Returns how many."""
-        assert self.ps is not None and self.guest is not None
-        runs = discard_runs(self.ps, self._stale_map(stale_zstd))
-        if runs:
-            self.guest.call("discard", timeout=60, runs=runs)
-        return sum(n for _, n in runs)
-
-    def _stale_pages(self, manifest: pb.Manifest, pre: dict[str, Any]) -> list[tuple[int, int]]:
-        """After a pre-copy: the pages installed here that the guest wrote on the source
-        since, marked missing again; returns their runs, for the guest to drop."""
-        ps = self.ps
-        assert ps is not None
-        if not manifest.stale_map_zstd:
-            if not pre.get("installed"):
-                return []
-            # the source ended its pre-copy before our handshake (we were too slow): it
-            # knows nothing of what we have, so nothing pre-copied is trusted
-            stale = b"\x01" * ps.npages
-            pre["why"] = f"{pre.get('why', '')}; the source forgot it: every pre-copied page dropped"
-        else:
-            stale = self._stale_map(manifest.stale_map_zstd)
-        unclean = pre.get("unclean") or []
-        if unclean:  # batches of these lanes may be lost: none of their pages is trusted
-            st = bytearray(stale)
-            lanes = len(self.crew.lanes) if self.crew is not None else 1
-            for i in unclean:
-                a, b = lane_range(i, lanes, ps.npages)
-                st[a:b] = b"\x01" * (b - a)
-            stale = bytes(st)
-        runs = discard_runs(ps, stale)
-        pre["discarded"] = sum(n for _, n in runs)
-        self._base_present = bytes(ps.state).count(PRESENT)
-        pre["present_at_switch"] = self._base_present
-        return runs
 
     def _start_crew(self, desc: pb.Manifest, ps: PageState, uffd_fd: int, base: int, page_size: int) -> Crew:
         cfg = self.cfg
@@ -434,7 +305,8 @@ class DestinationSession:
         last_ops: tuple[float, int] | None = None
         lost: set[str] = set()
         lost_since = back_at = 0.0  # an outage: from the first "lost" to the last "back" (+ a grace)
-        npages -= self._base_present  # installed by the pre-copy, still valid
+        if self.precopy is not None:
+            npages -= self.precopy.base_present  # installed by the pre-copy, still valid
         while ps.total("installed", nslots) < npages:
             name, ev = crew.next_event(0.02)
             kind = ev.get("event")
@@ -451,7 +323,7 @@ class DestinationSession:
                 raise event_error(name, ev)
             if self._lanes_due and time.monotonic() >= self._lanes_due:
                 self._lanes_due = 0.0
-                crew.start_lanes(out.manifest.epoch, self._resync)
+                crew.start_lanes(out.manifest.epoch, self.precopy is not None and self.precopy.resync)
             if back_at and not lost and time.monotonic() - back_at > OUTAGE_GRACE_S:
                 back_at = 0.0
                 out.reconnects += 1

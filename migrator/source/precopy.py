@@ -99,6 +99,7 @@ class Precopy:
         self._lock = threading.Lock()  # the tracker: one scan at a time, and none after freeze
         self._thread: threading.Thread | None = None
         self.done_why = ""
+        self._broken = False  # a scan failed: what changed is unknown
 
     # -- start -------------------------------------------------------------------------
     def start(self) -> None:
@@ -137,7 +138,12 @@ class Precopy:
         with self._lock:
             if self._tracker is None:
                 return None
-            self._tracker.scan(dirty)
+            try:
+                self._tracker.scan(dirty)
+            except BaseException:
+                # a scan that failed part way may have protected pages it never reported
+                self._broken = True
+                raise
             d = bytes(dirty)
             m = self.sh.regions
             need, untouched = m["need"], m["untouched"]
@@ -219,7 +225,14 @@ class Precopy:
         map (one byte per page, 1 = the destination's copy may be stale) and sets
         the hot map if asked for."""
         self._stop.set()
-        self._scan()
+        try:
+            self._scan()
+        except Exception as exc:  # noqa: BLE001 - reported below
+            log.error("pre-copy: the last scan failed: %s", exc)
+        if self._broken:  # not knowing what changed: everything is stale
+            log.error("pre-copy: a scan failed: every page counts as stale")
+            self.sh.regions["need"][:] = bytes(self.npages)
+            self.sh.regions["untouched"][:] = bytes(self.npages)  # and none is known to be zero
         with self._lock:
             # kept open: closing it makes the kernel drop the protection of every page
             # (~25 ms per GiB here, and a CPU of this two-core machine): :meth:`release`
