@@ -7,8 +7,16 @@ guest also creates a userfaultfd for it and passes the fd along with the hello
 monitor.  Only the process whose memory a uffd watches can create it; every
 other uffd operation is the monitor's.
 
-Control messages are JSON lines: pause, resume, stats, verify, set, quit; each
-carries an ``id`` that its reply echoes.  When
+Control messages are JSON lines: pause, resume, stats, verify, set, track,
+drop, quit, and the commands that change the guest's own memory (discard,
+map-over, remap; read-page, syscall-read, fork-read read it in three ways);
+each carries an ``id`` that its reply echoes.  ``track`` creates a second
+userfaultfd (for the monitor's dirty tracker, ``migrator/uffd/dirty.py``) and
+passes it with the reply; ``drop`` (and ``resume`` with ``drop``) takes runs of
+pages [first, count] away (MADV_DONTNEED) before any vCPU runs: an incoming
+guest's pre-copied pages that changed on the source since (they fault and
+arrive again, like QEMU's discard list; unlike ``discard``, the guest still
+expects their contents).  When
 the monitor goes away (EOF, or its death via PR_SET_PDEATHSIG) the guest exits:
 a guest without its monitor could only fault forever or read zeros.
 """
@@ -24,7 +32,7 @@ import signal
 import socket
 import sys
 import time
-from typing import Any
+from typing import Any, cast
 
 from guest_sim import pages
 from guest_sim.ram import GuestRam
@@ -68,6 +76,11 @@ class Guest:
         return {"ok": True, "paused_ns": t, "state": state_blob(self.cfg, self.states)}
 
     def cmd_resume(self, msg: dict[str, Any]) -> dict[str, Any]:
+        dropped = 0
+        if msg.get("drop"):
+            if self.vcpus and not self.ctl.pause_req:
+                return {"ok": False, "error": "drop needs paused vCPUs"}
+            dropped = self.ram.drop([(int(a), int(n)) for a, n in msg["drop"]])
         if "state" in msg and msg["state"] is not None:
             if self.vcpus:
                 return {"ok": False, "error": "cannot load vCPU state into running vCPUs"}
@@ -78,7 +91,26 @@ class Guest:
             self.ctl.resume()
         else:
             self.start_vcpus()
-        return {"ok": True, "resumed_ns": time.time_ns(), "tids": [v.tid for v in self.vcpus]}
+        return {"ok": True, "resumed_ns": time.time_ns(), "tids": [v.tid for v in self.vcpus], "dropped": dropped}
+
+    def cmd_drop(self, msg: dict[str, Any]) -> dict[str, Any]:
+        """Drop runs of pages [first, count] (an incoming guest's pre-copied pages that went
+        stale) before the vCPUs run."""
+        if self.vcpus and not self.ctl.pause_req:
+            return {"ok": False, "error": "drop needs paused vCPUs"}
+        t = time.perf_counter()
+        n = self.ram.drop([(int(a), int(c)) for a, c in msg.get("runs", [])])
+        return {"ok": True, "dropped": n, "ms": (time.perf_counter() - t) * 1e3}
+
+    def cmd_track(self, _msg: dict[str, Any]) -> dict[str, Any]:
+        """A userfaultfd for this RAM, for the monitor's dirty tracker (sent with the reply)."""
+        from migrator.uffd.fd import create_userfaultfd
+
+        try:
+            fd = create_userfaultfd()
+        except OSError as exc:
+            return {"ok": False, "error": f"cannot create a userfaultfd: {exc.strerror or exc}"}
+        return {"ok": True, "_fds": [fd]}
 
     def cmd_stats(self, _msg: dict[str, Any]) -> dict[str, Any]:
         per = []
@@ -212,6 +244,8 @@ def _serve(guest: Guest, sock: socket.socket) -> int:
         "read-page": guest.cmd_read_page,
         "syscall-read": guest.cmd_syscall_read,
         "fork-read": guest.cmd_fork_read,
+        "track": guest.cmd_track,
+        "drop": guest.cmd_drop,
     }
     f = sock.makefile("rb")
     for line in f:
@@ -227,7 +261,13 @@ def _serve(guest: Guest, sock: socket.socket) -> int:
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             reply = {"ok": False, "error": f"bad control message: {exc}"}
         reply["id"] = cid  # the monitor matches replies to calls by it
-        sock.sendall(json.dumps(reply).encode() + b"\n")
+        fds = cast("list[int]", reply.pop("_fds", None) or [])
+        if fds:
+            socket.send_fds(sock, [json.dumps(reply).encode() + b"\n"], fds)
+            for fd in fds:
+                os.close(fd)  # only the monitor holds it now
+        else:
+            sock.sendall(json.dumps(reply).encode() + b"\n")
     return EXIT_MONITOR_GONE
 
 
@@ -237,7 +277,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ram", type=int, required=True, help="RAM size in bytes")
     p.add_argument("--page-size", type=int, default=os.sysconf("SC_PAGESIZE"))
     p.add_argument("--vcpus", type=int, default=2)
-    p.add_argument("--workload", default="random", choices=["random", "sequential", "hotset"])
+    p.add_argument("--workload", default="random", choices=["random", "sequential", "hotset", "hotscatter"])
     p.add_argument("--write-ratio", type=float, default=0.5)
     p.add_argument("--zero-pct", type=int, default=40)
     p.add_argument("--text-pct", type=int, default=30)

@@ -9,7 +9,7 @@ state that migrates is a few numbers.
 from __future__ import annotations
 
 MASK64 = (1 << 64) - 1
-WORKLOADS = ("random", "sequential", "hotset")
+WORKLOADS = ("random", "sequential", "hotset", "hotscatter")
 
 
 def xorshift64(s: int) -> int:
@@ -32,6 +32,11 @@ def next_slot(kind: str, rng: int, cursor: int, owned: int) -> tuple[int, int]:
         hot = max(1, owned // 10)
         if rng % 10:  # 90 % of accesses go to the hot tenth
             return (rng >> 8) % hot, cursor
+        return (rng >> 8) % owned, cursor
+    if kind == "hotscatter":  # the same, but the hot tenth is every tenth page: spread over all RAM
+        hot = max(1, owned // 10)
+        if rng % 10:
+            return ((rng >> 8) % hot) * 10 % owned, cursor
         return (rng >> 8) % owned, cursor
     return (rng >> 8) % owned, cursor
 

@@ -20,7 +20,7 @@ import click
 os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
 
 from migrator import __version__
-from migrator.config import DestConfig, GuestOptions, SourceConfig, parse_size
+from migrator.config import DestConfig, GuestOptions, SourceConfig, parse_precopy, parse_size
 from migrator.errors import MigratorError
 from migrator.security import TlsFiles, load_secret
 
@@ -38,6 +38,24 @@ class SizeType(click.ParamType):
 
 
 SIZE = SizeType()
+
+
+class PrecopyType(click.ParamType):
+    name = "SECONDS|auto|0"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> tuple[float, bool]:
+        if isinstance(value, tuple):
+            return value
+        try:
+            return parse_precopy(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+def _precopy_kw(kw: dict[str, Any]) -> dict[str, Any]:
+    """The options' ``precopy`` (seconds, auto) as DestConfig's two fields."""
+    seconds, auto = kw.pop("precopy", (0.0, False))
+    return {**kw, "precopy": seconds, "precopy_auto": auto}
 
 
 def run() -> None:
@@ -150,7 +168,7 @@ def guest_options(f: Any) -> Any:
     opts = [
         click.option("--ram", type=SIZE, default="256MiB", show_default=True, help="Guest RAM size."),
         click.option("--vcpus", type=click.IntRange(1, 64), default=2, show_default=True),
-        click.option("--workload", type=click.Choice(["random", "sequential", "hotset"]), default="random", show_default=True),
+        click.option("--workload", type=click.Choice(["random", "sequential", "hotset", "hotscatter"]), default="random", show_default=True),
         click.option("--write-ratio", type=click.FloatRange(0, 1), default=0.5, show_default=True, help="Share of accesses that write."),
         click.option("--zero-pct", type=click.IntRange(0, 100), default=40, show_default=True, help="Pages never written at start."),
         click.option("--text-pct", type=click.IntRange(0, 100), default=30, show_default=True, help="Compressible pages at start."),
@@ -230,6 +248,11 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
         click.option("--balloon", "balloon_pages", type=click.IntRange(0), default=0, show_default=True,
                      help="Right after the resume the guest gives this many pages back (madvise DONTNEED, as a "
                           "balloon driver does): they read as zeros and are never copied."),
+        click.option("--precopy", type=PrecopyType(), default="0", show_default=True, metavar="SECONDS|auto|0",
+                     help="Pre-copy first: stream the running guest's pages (and again those it writes) for up to "
+                          "SECONDS, or until the rounds stop shrinking (auto), then switch to post-copy; 0 = pure post-copy."),
+        click.option("--hot-first", is_flag=True,
+                     help="After the switch, send the pages the guest wrote last first (the source tracks its writes)."),
         click.option("--prefetch-delay", type=click.FloatRange(0), default=0.0, hidden=True,
                      help="Seconds the bulk lanes wait after the resume (to measure faults with an idle bulk)."),
     ]
@@ -276,7 +299,8 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
         secret, _ = load_secret(secret_file, create=False)
     except MigratorError as exc:
         _fail(exc)
-    cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, secret=secret, tls=tls, **kw)
+    cfg = DestConfig(source=source_addr, run_for=run_for, progress=not quiet, verify=not no_verify, secret=secret, tls=tls,
+                     **_precopy_kw(kw))  # fmt: skip
     if listen and run_for is None:
         cfg = DestConfig(**{**cfg.__dict__, "run_for": 0.0})  # the guest runs on while it waits for the next hop
     stop = sig.stop
@@ -331,7 +355,7 @@ def demo(run_for: float, warmup: float, as_json: bool, quiet: bool, no_verify: b
         _fail(result.error())
     guest = _guest(kw)
     _plot_ok(plot)
-    cfg = DestConfig(source="127.0.0.1:0", run_for=run_for, progress=not quiet, verify=not no_verify, **kw)
+    cfg = DestConfig(source="127.0.0.1:0", run_for=run_for, progress=not quiet, verify=not no_verify, **_precopy_kw(kw))
     stop = _signals().stop
     try:
         if plot is None and _have_matplotlib():
@@ -385,11 +409,13 @@ def check() -> None:
 
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms", "all"]))
+@click.argument("scenario", type=click.Choice(["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms", "precopy", "all"]))
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True, help="Runs per configuration (medians are reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True, help="Where JSON (and PNG) results go.")
 @click.option("--ram", type=SIZE, default=None, help="Guest RAM for the migration scenarios (default: the scenario's own).")
-def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
+@click.option("--peer", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="precopy: also run the QEMU peer script (../shared/peers/qemu_postcopy.py) in the same sitting.")
+def bench(scenario: str, runs: int, out_dir: str, ram: int | None, peer: str | None) -> None:
     """Run a benchmark scenario several times; print medians (min–max) and write JSON.
 
     \b
@@ -399,8 +425,10 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
     wakeups        fault storm: blocking read() vs EPOLLEXCLUSIVE, 1/2/4 fault threads
     bulk           bulk-stream throughput with compression none / zstd / auto
     grpc-forms     the transport alone: sync unary / sync stream / asyncio stream, 1 or 2 bulk streams
+    precopy        pure / hot-first / pre-copy + post-copy on QEMU peer's workload (--peer: QEMU's too)
     """
     from migrator.bench.grpc_forms import grpc_forms
+    from migrator.bench.precopy import precopy
     from migrator.bench.scenarios import SCENARIOS
     from migrator.bench.wakeups import wakeups
     from migrator.probe import probe
@@ -415,8 +443,10 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
     names = ["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms"] if scenario == "all" else [scenario]
     for name in names:
         click.echo(f"{name} ({runs} runs):", err=True)
-        fn = {"wakeups": wakeups, "grpc-forms": grpc_forms}.get(name) or SCENARIOS[name]
-        kwargs = {"ram": ram} if ram and name in SCENARIOS else {}
+        fn = {"wakeups": wakeups, "grpc-forms": grpc_forms, "precopy": precopy}.get(name) or SCENARIOS[name]
+        kwargs: dict[str, Any] = {"ram": ram} if ram and (name in SCENARIOS or name == "precopy") else {}
+        if name == "precopy" and peer:
+            kwargs["peer"] = peer
         try:
             res = fn(runs, out_dir, lambda m: click.echo(m, err=True), **kwargs)
         except MigratorError as exc:

@@ -67,3 +67,23 @@ class DestConfig:
     secret: str | None = field(default_factory=lambda: os.environ.get(ENV_SECRET) or None, repr=False)
     reconnect_deadline: float = 300.0  # seconds to wait for a lost source before giving up
     tls: TlsFiles = TlsFiles()
+    # pre-copy before the switch: at most this many seconds (0 = none: pure post-copy), or
+    # precopy_auto: until a round no longer shrinks or the link cannot keep up
+    precopy: float = 0.0
+    precopy_auto: bool = False
+    hot_first: bool = False  # after the switch, the pages the guest wrote last come first
+
+
+def parse_precopy(text: str) -> tuple[float, bool]:
+    """``--precopy`` value: 'auto' -> (0, True); '1.5' -> (1.5, False); '0' -> (0, False).
+    Raises ValueError with a readable message."""
+    t = text.strip().lower()
+    if t == "auto":
+        return 0.0, True
+    try:
+        seconds = float(t)
+    except ValueError:
+        raise ValueError(f"--precopy takes SECONDS, auto or 0, not {text!r}") from None
+    if not 0 <= seconds <= 3600:
+        raise ValueError(f"--precopy {text}: seconds from 0 to 3600")
+    return seconds, False

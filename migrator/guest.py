@@ -133,6 +133,7 @@ class GuestProcess:
                 for fd in fds:
                     os.close(fd)
         self._buf = bytearray()
+        self._fds: list[int] = []  # descriptors that came with the reply being read
         self._next_id = 0
         return Hello(
             pid=data["pid"], addr=data["addr"], size=data["size"], page_size=data["page_size"],
@@ -175,6 +176,22 @@ class GuestProcess:
             raise GuestError(f"guest refused {cmd!r}: {reply.get('error')}")
         return reply
 
+    def call_fd(self, cmd: str, timeout: float = 30.0, **kw: Any) -> tuple[dict[str, Any], int]:
+        """Like :meth:`call` for a command whose reply carries one descriptor (``track``):
+        returns (reply, fd), the fd now the caller's.  Raises GuestError if none came."""
+        with self._lock:
+            for fd in self._fds:
+                os.close(fd)
+            self._fds = []
+        reply = self.call(cmd, timeout, **kw)
+        with self._lock:
+            fds, self._fds = self._fds, []
+        if len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise GuestError(f"guest's reply to {cmd!r} carried {len(fds)} descriptors, not 1")
+        return reply, fds[0]
+
     def _readline(self, cmd: str, deadline: float, timeout: float) -> bytes:
         """One reply line from the guest, waiting until ``deadline`` (monotonic)."""
         while True:
@@ -188,7 +205,8 @@ class GuestProcess:
                 raise GuestStalled(f"guest did not answer {cmd!r} within {timeout:g} s (stalled?)", cmd=cmd)
             self.sock.settimeout(remaining)
             try:
-                chunk = self.sock.recv(65536)
+                chunk, fds, _flags, _addr = socket.recv_fds(self.sock, 65536, 4)
+                self._fds.extend(fds)
             except socket.timeout:
                 continue
             except OSError as exc:

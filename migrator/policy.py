@@ -74,3 +74,42 @@ def value_runs(kind: bytes | bytearray) -> Iterator[tuple[int, int, int]]:
                 end = j
         yield v, i, end
         i = end
+
+
+# Pre-copy (source/precopy.py): when to stop the rounds and switch.
+PRECOPY_MAX_ROUNDS = 30
+PRECOPY_SMALL_PAGES = 64  # a dirty set this small: nothing more to gain before the switch
+PRECOPY_SHRINK = 0.9  # a round "shrinks" if it leaves at most this fraction of the last one's dirty pages
+
+
+def precopy_done(rounds: list[tuple[int, int, float]], elapsed_s: float, seconds: float, auto: bool) -> str:
+    """Why the pre-copy should stop now, or "" to go on.
+
+    ``rounds``: the finished rounds, (pages sent, pages written meanwhile, seconds).
+    ``seconds``: a time limit (0 = none); ``auto``: stop when a round no longer
+    shrinks the dirty set, or when the guest writes pages faster than the link
+    sends them (QEMU's "dirty rate > bandwidth": more rounds cannot converge).
+    The first round (every page) is always finished unless the time limit says
+    otherwise.
+    """
+    if seconds > 0 and elapsed_s >= seconds:
+        return f"time limit ({seconds:g} s)"
+    if not rounds:
+        return ""
+    sent, dirty, _took = rounds[-1]
+    if dirty <= PRECOPY_SMALL_PAGES:
+        return f"converged ({dirty} pages written during the last round)"
+    if len(rounds) >= PRECOPY_MAX_ROUNDS:
+        return f"{PRECOPY_MAX_ROUNDS} rounds"
+    if not auto:
+        return ""
+    if dirty >= sent:  # as many pages written as sent in the same time: rounds cannot converge
+        return "the guest writes pages faster than the link sends them"
+    if len(rounds) >= 2 and dirty > PRECOPY_SHRINK * rounds[-2][1]:
+        return "the dirty set no longer shrinks"
+    return ""
+
+
+def and_not(a: bytes | bytearray | memoryview, b: bytes | bytearray | memoryview) -> bytes:
+    """Bytewise ``a and not b`` of two equal-length 0/1 maps, at C speed."""
+    return (int.from_bytes(a, "little") & ~int.from_bytes(b, "little")).to_bytes(len(a), "little")

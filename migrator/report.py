@@ -68,5 +68,6 @@ def build_summary(out: Outcome, error: str = "") -> Summary:
             "reconnects": out.reconnects,
             "raw_bytes": st.raw_bytes,
             "cpu_s": st.cpu_s,
+            **({"precopy": out.precopy} if out.precopy else {}),
         },
     )

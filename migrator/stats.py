@@ -148,6 +148,14 @@ class Summary:
         if self.uffd_mode and self.uffd_mode != "full":
             lines.append(f"userfaultfd     {self.uffd_mode}: a system call reading a page still missing fails with EFAULT "
                          "(run as root, or allow /dev/userfaultfd, for a full one)")  # fmt: skip
+        pre = self.extra.get("precopy")
+        if pre and pre.get("mode") == "pre-copy":
+            lines.insert(3, f"pre-copy        {pre.get('installed', 0) + pre.get('rewritten', 0)} pages in {pre.get('rounds', 0)} "
+                            f"rounds, {pre.get('seconds', 0.0):.2f} s before the pause ({pre.get('why', '')}); "
+                            f"{pre.get('discarded', 0)} changed since and dropped here")  # fmt: skip
+        elif pre:
+            lines.insert(3, f"hot-first       the source tracked its guest's writes for {pre.get('seconds', 0.0):.2f} s "
+                            "before the pause; those pages came first")  # fmt: skip
         if self.verified_pages:
             lines.append(
                 f"memory verified: {self.verified_pages - len(self.verify_errors)} of {self.verified_pages} pages"

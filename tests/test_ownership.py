@@ -187,3 +187,32 @@ def test_a_dead_source_guest_ends_the_migration_and_says_why() -> None:
         o.check(E1)
     assert err.value.ended == "source-failed"
     assert Ownership().source_failed() == 0  # nothing in progress: nothing to end
+
+
+def test_precopy_then_the_same_tokens_handshake_pauses() -> None:
+    from migrator.source.ownership import PRECOPY_ENDED
+
+    o = Ownership()
+    o.begin_precopy(TOKEN, E1)
+    assert o.phase is Phase.PRECOPY
+    o.check(E1)  # the pre-copy's streams are served
+    with pytest.raises(Refused) as err:
+        o.begin_pause(OTHER)  # another destination: busy
+    assert err.value.status == "ALREADY_EXISTS"
+    with pytest.raises(Refused):
+        o.begin_precopy(OTHER, E2)
+    assert o.begin_pause(TOKEN)  # the same destination switches
+    assert o.phase is Phase.PAUSING and o.ended[E1] == PRECOPY_ENDED
+    o.pause_done(E2, now=1.0)
+    with pytest.raises(Refused) as err:
+        o.check(E1)  # the pre-copy's streams are over
+    assert err.value.ended == PRECOPY_ENDED
+
+
+def test_abandoned_precopy_returns_to_running() -> None:
+    o = Ownership()
+    o.begin_precopy(TOKEN, E1)
+    assert o.end_precopy() == E1
+    assert o.phase is Phase.RUNNING and o.token == b""
+    assert o.end_precopy() == 0
+    assert o.begin_pause(OTHER)  # anyone may migrate it now

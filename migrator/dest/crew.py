@@ -80,9 +80,26 @@ class Crew:
         """Ask the fault process to open its urgent stream; returns the command id to wait on."""
         return self.fault.send("epoch", epoch=epoch)
 
-    def start_lanes(self, epoch: int) -> None:
+    def start_lanes(self, epoch: int, resync: bool = False) -> None:
         for w in self.lanes:
-            w.send("start", epoch=epoch)
+            w.send("start", epoch=epoch, resync=resync)
+
+    def start_precopy(self, epoch: int, guest_pid: int) -> None:
+        for w in self.lanes:
+            w.call("precopy", timeout=10, epoch=epoch, guest_pid=guest_pid)
+
+    def stop_precopy(self) -> dict[str, Any]:
+        """Every lane ends its pre-copy (before the handshake); their counts, summed,
+        and ``unclean``: the lanes whose stream did not end with the source's ``last``."""
+        total: dict[str, Any] = {"unclean": []}
+        for i, w in enumerate(self.lanes):
+            reply = w.call("precopy-stop", timeout=60)
+            if not reply.get("clean"):
+                total["unclean"].append(i)
+            for k in ("installed", "rewritten", "batches", "wire_bytes", "rounds"):
+                v = int(reply.get(k, 0))
+                total[k] = max(total.get(k, 0), v) if k == "rounds" else total.get(k, 0) + v
+        return total
 
     def stop(self) -> dict[str, dict[str, Any]]:
         """Stop every worker; their final reports by name."""

@@ -45,7 +45,7 @@ from migrator import policy
 from migrator.dest.gate import Gate
 from migrator.dest.install import Installer
 from migrator.dest.pagestate import (
-    DISCARDED, EVENTS, GONE, HINTS, MISSING, PRESENT, REMAPS, REQUESTED, ZERO_READY, Counters, PageState,
+    DISCARDED, DROPPING, EVENTS, GONE, HINTS, MISSING, PRESENT, REMAPS, REQUESTED, ZERO_READY, Counters, PageState,
 )  # fmt: skip
 from migrator.uffd.fd import Event, Fault, Userfaultfd
 from migrator.workers import set_thread_name
@@ -146,15 +146,16 @@ class FaultHandler:
         if ev.kind == "remap":
             self._remap(ev.start, ev.end, ev.length)
         else:
-            dead = DISCARDED if ev.kind == "remove" else GONE
-            table = _TO_DISCARDED if dead == DISCARDED else _TO_GONE
+            remove = ev.kind == "remove"
             for first, count, addr in self._runs(ev.start, ev.end):
                 before = bytes(ps.state[first : first + count])
-                ps.state[first : first + count] = before.translate(table)
-                newly = count - before.count(GONE) - (before.count(DISCARDED) if dead == DISCARDED else 0)
-                self.c.add("discarded" if dead == DISCARDED else "unmapped", newly)
-                if newly:
-                    self.discarded(first, count)
+                ps.state[first : first + count] = before.translate(_ON_REMOVE if remove else _ON_UNMAP)
+                newly = before.translate(_NEWLY_DISCARDED if remove else _NEWLY_GONE)
+                n = newly.count(1)
+                if n:
+                    self.c.add("discarded" if remove else "unmapped", n)
+                    for i, k in policy.runs_of(newly, 1, max_run=1 << 30):
+                        self.discarded(first + i, k)
                 self.uffd.wake(addr, count * self.psize)  # threads waiting on them fault again
         ps.words[EVENTS] += 1
 
@@ -189,8 +190,12 @@ class FaultHandler:
         self._seg_starts = [s for s, _e, _p in self._segs]
 
 
-_TO_DISCARDED = bytes(GONE if b == GONE else DISCARDED for b in range(256))
-_TO_GONE = bytes(GONE for _ in range(256))
+# remove: the guest's own discard (DISCARDED), or the drop of a stale pre-copied page the
+# session asked for (DROPPING -> MISSING: it comes again); unmap: GONE
+_ON_REMOVE = bytes(GONE if b == GONE else MISSING if b == DROPPING else DISCARDED for b in range(256))
+_ON_UNMAP = bytes(GONE for _ in range(256))
+_NEWLY_DISCARDED = bytes(1 if b in (MISSING, REQUESTED, PRESENT) else 0 for b in range(256))
+_NEWLY_GONE = bytes(0 if b == GONE else 1 for b in range(256))
 
 
 class FaultThreads:

@@ -17,7 +17,10 @@ Run as ``python -m migrator.dest.lane``::
 
     config  {"lane", "lanes", "npages", "page_size", "base", "batch_pages", "compress",
              "loopback", "source": {"address", "secret", "tls"}, "uffd_fd", "shm_fd", "slot"}
-    start   {"epoch"}   open the stream and install (events: done, lost, back, fatal)
+    precopy {"epoch", "guest_pid"}  before the switch: the pre-copy stream (``precopy.py``)
+    precopy-stop        end it; answer with its counts
+    start   {"epoch", "resync"}  open the stream and install (events: done, lost, back, fatal);
+                        resync: ask for every page not present (after a pre-copy)
     stop                answer with the timeline and the compression used
 """
 
@@ -36,6 +39,7 @@ from migrator.dest.demand import describe_error
 from migrator.dest.gate import Gate
 from migrator.dest.install import Installer
 from migrator.dest.pagestate import HINTS, ZERO_READY, PageState
+from migrator.dest.precopy import PrecopyReceiver
 from migrator.dest.local_source import open_page_source
 from migrator.dest.source_client import BulkStream
 from migrator.errors import AuthError, MigratorError, ProtocolError, TransportError
@@ -83,10 +87,28 @@ class Lane:
         self._last_hint = 0
         self._lost = False  # the stream broke and has not delivered since
         self._thread: threading.Thread | None = None
+        self.precopy: PrecopyReceiver | None = None
+        self._resync = False
 
     # -- commands ----------------------------------------------------------------------
-    def start(self, epoch: int) -> None:
+    def start_precopy(self, epoch: int, guest_pid: int) -> None:
+        # pre-copy installs are counted apart (a slot after every lane's): not post-copy pages
+        counters = self.ps.counters(1 + self.lanes + self.lane)
+        installer = Installer(self.installer.uffd, self.ps, self.installer.base, self.psize, counters)
+        self.precopy = PrecopyReceiver(installer, self.ps, self.source, self.lane, self.lanes, self.start_page,
+                                       self.batch_pages, guest_pid, self.side.event)  # fmt: skip
+        self.precopy.start(epoch)
+
+    def stop_precopy(self) -> dict[str, Any]:
+        if self.precopy is None:
+            return {}
+        out = self.precopy.stop()
+        self.precopy = None
+        return out
+
+    def start(self, epoch: int, resync: bool = False) -> None:
         self.epoch = epoch
+        self._resync = resync
         self._thread = threading.Thread(target=self._run, name=f"lane{self.lane}-rx", daemon=True)
         self._thread.start()
 
@@ -103,6 +125,8 @@ class Lane:
     def _run(self) -> None:
         set_thread_name(f"lane{self.lane}-rx")
         backoff, missing = BACKOFF_FIRST_S, b""
+        if self._resync:  # after a pre-copy: the source sends every page not present here
+            missing = zstandard.ZstdCompressor(level=1).compress(self.ps.missing_map())
         while not self._stopping:
             try:
                 self._stream = self.source.open_bulk(self.epoch, self.lane, self.lanes, self.codec, self.batch_pages,
@@ -230,9 +254,15 @@ def main() -> int:
     side.event("ready")
 
     def start(msg: dict[str, Any]) -> None:
-        lane.start(int(msg["epoch"]))
+        lane.start(int(msg["epoch"]), bool(msg.get("resync")))
 
-    side.serve({"start": start}, on_stop=lane.stop)
+    def precopy(msg: dict[str, Any]) -> None:
+        lane.start_precopy(int(msg["epoch"]), int(msg["guest_pid"]))
+
+    def precopy_stop(_msg: dict[str, Any]) -> dict[str, Any]:
+        return lane.stop_precopy()
+
+    side.serve({"start": start, "precopy": precopy, "precopy-stop": precopy_stop}, on_stop=lane.stop)
     return 0
 
 

@@ -125,7 +125,7 @@ class ImagePageSource:
         return _Demand(self, epoch)
 
     def open_bulk(self, epoch: int, lane: int, lanes: int, codec: int, batch_pages: int, seek: int,
-                  missing_zstd: bytes = b"") -> _Bulk:  # fmt: skip
+                  missing_zstd: bytes = b"", precopy: bool = False) -> _Bulk:  # fmt: skip
         return _Bulk(self, epoch, lane, lanes, codec, batch_pages, seek)
 
     def close(self) -> None:

@@ -7,6 +7,8 @@ One byte per page::
        +----------------------------------------------------------------+
     any of them --(the guest discards it: EVENT_REMOVE)--> DISCARDED --(faulted)--> zero page, PRESENT
     any of them --(the guest unmaps it: EVENT_UNMAP)--> GONE (no longer guest RAM)
+    PRESENT --(pre-copied, stale: the session asks the guest to drop it)--> DROPPING
+        --(its EVENT_REMOVE)--> MISSING (it comes again from the source)
 
 DISCARDED and GONE are set only by the fault process, which reads the guest's
 events, and only while it holds the install gate (``gate.py``): no installer
@@ -52,7 +54,7 @@ import time
 from migrator.pagemaps import FLAG_OMITTED
 from migrator.shm import Shared
 
-MISSING, REQUESTED, PRESENT, DISCARDED, GONE = 0, 1, 3, 4, 5
+MISSING, REQUESTED, DROPPING, PRESENT, DISCARDED, GONE = 0, 1, 2, 3, 4, 5
 EPOCH, ZERO_READY, OUTSTANDING, EVENTS, REMAPS, READING = 0, 1, 2, 3, 4, 5
 FIRST_SLOT, SLOT_WORDS, MAX_PROCS = 16, 16, 65  # slot 0: the fault process; 1..64: lanes
 HINTS = FIRST_SLOT + SLOT_WORDS * MAX_PROCS

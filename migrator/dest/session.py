@@ -8,13 +8,18 @@ Steps (the downtime is 4 to 6; everything slow happens before the pause):
  2. start the worker processes (``crew.py``): the fault process (fault
     threads, the urgent stream) and the bulk lanes, each connected to its
     own server on the source, all holding the uffd and the shared page state;
+ 2b. (``--precopy``/``--hot-first``) pre-copy: the source tracks its running
+    guest's writes and the lanes install its pages in rounds, into this
+    still-paused guest; when the source says "switch now" the lanes stop
+    (``precopy.py`` has the design);
  3. handshake: the source pauses its guest and returns the vCPU state
     (retried with the same token across a lost connection); the fault process
     opens its urgent stream at once;
  4. switch-over: the source records that this side may run the guest; only
     then is it resumed here;
- 5. resume the guest with that state: it runs, faulting on missing pages;
-    the lanes start streaming;
+ 5. resume the guest with that state (after a pre-copy it first drops the
+    pages that changed on the source since they were sent): it runs, faulting
+    on missing pages; the lanes start streaming;
  6. wait until every page is present, or discarded or unmapped by the guest
     (the page state in shared memory), watching the guest and every worker; a lost connection is
     reconnected by each worker, this session says so and keeps the deadline;
@@ -45,6 +50,7 @@ from typing import Any, TypeVar
 from migrator.config import DestConfig
 from migrator.dest.crew import Crew, event_error
 from migrator.dest.pagestate import EPOCH, PageState
+from migrator.dest.precopy import PrecopyPhase
 from migrator.dest.priority import deprioritize, restore_priority
 from migrator.dest.release import Release
 from migrator.dest.source_client import Control, GrpcControl, port_address
@@ -101,6 +107,7 @@ class Outcome:
     tids: list[int] = field(default_factory=list)
     reconnects: int = 0
     release: "Release | None" = None
+    precopy: dict[str, Any] = field(default_factory=dict)  # what the pre-copy did (empty: none)
 
 
 def _is_loopback(address: str) -> bool:
@@ -126,6 +133,7 @@ class DestinationSession:
         self._lanes_due = 0.0
         self._last_ops = 0
         self._switching = False
+        self.precopy: PrecopyPhase | None = None
         self.token = os.urandom(16)  # names this destination's handshake (idempotent retries)
         self.say: Callable[[str], None] = lambda m: log.warning("%s", m)
 
@@ -150,6 +158,8 @@ class DestinationSession:
             self.control = GrpcControl(cfg.source, secret=cfg.secret, tls=cfg.tls, connect_timeout=cfg.connect_timeout)
         ctl = self.control
         desc = ctl.describe()
+        self.precopy = pre_phase = PrecopyPhase(cfg, ctl, self.token, self.say, self._check)
+        pre_phase.track_early()  # hot-first alone: the source tracks while this side starts
         spec = GuestSpec(ram=desc.ram_size, page_size=desc.page_size, vcpus=desc.vcpus or 2, incoming=True)
         self.guest = guest = GuestProcess(spec)
         h = guest.hello
@@ -165,12 +175,15 @@ class DestinationSession:
             # Everything that does not need the manifest is ready before the pause.
             self.crew = crew = self._start_crew(desc, ps, uffd.fd, h.addr, h.page_size)
             niced = deprioritize(guest.hello.pid, cfg.guest_nice)  # vCPU threads inherit it
+            pre = pre_phase.run(crew, ps, guest)
             # the source pauses; a source gone before it answered will not come back: a shorter wait
             manifest = self._retrying("handshake", lambda: ctl.handshake(self.token), min(cfg.reconnect_deadline, 30.0))
             t_hs = time.time_ns()
             if manifest.ram_size != h.size or manifest.page_size != h.page_size:
                 raise ProtocolError("manifest does not match the guest", ram=manifest.ram_size, page_size=manifest.page_size)
             state = json.loads(manifest.vcpu_state)
+            discard = pre_phase.at_switch(manifest, ps, len(crew.lanes))
+            t_st = time.time_ns()
             ps.words[EPOCH] = manifest.epoch
             urgent = crew.open_urgent(manifest.epoch)  # opens while the switch-over travels
             # Only once the source has recorded the switch-over may the guest run here.
@@ -178,17 +191,20 @@ class DestinationSession:
             self._retrying("switch-over", ctl.switchover)
             switched = True
             crew.fault.wait(urgent, 10)  # no fault waits for the urgent stream to open
-            reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
+            t_sw = time.time_ns()
+            reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio, drop=discard)
             resumed = True
             self._lanes_due = time.monotonic() + cfg.prefetch_delay  # (held back only to measure an idle bulk)
             if cfg.prefetch_delay <= 0:
-                crew.start_lanes(manifest.epoch)
+                crew.start_lanes(manifest.epoch, pre_phase.resync)
                 self._lanes_due = 0.0
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
+            out.precopy = pre
             out.tids = list(reply.get("tids", []))
             if cfg.balloon_pages:
                 self._balloon(guest, cfg.balloon_pages)
-            log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
+            log.debug("handshake->resume %.1f ms (stale pages %.1f ms, switch-over %.1f ms, %d runs dropped)",
+                      (out.resumed_ns - t_hs) / 1e6, (t_st - t_hs) / 1e6, (t_sw - t_st) / 1e6, len(discard))  # fmt: skip
             self._wait_all_present(out, on_progress)
             out.done_ns = time.time_ns()
             if niced:
@@ -320,7 +336,7 @@ class DestinationSession:
                 raise event_error(name, ev)
             if self._lanes_due and time.monotonic() >= self._lanes_due:
                 self._lanes_due = 0.0
-                crew.start_lanes(out.manifest.epoch)
+                crew.start_lanes(out.manifest.epoch, self.precopy is not None and self.precopy.resync)
             if back_at and not lost and time.monotonic() - back_at > OUTAGE_GRACE_S:
                 back_at = 0.0
                 out.reconnects += 1

@@ -108,7 +108,7 @@ class PageSource(Protocol):
 
     def open_demand(self, epoch: int) -> DemandStream: ...
     def open_bulk(self, epoch: int, lane: int, lanes: int, codec: int, batch_pages: int, seek: int,
-                  missing_zstd: bytes = b"") -> BulkStream: ...  # fmt: skip
+                  missing_zstd: bytes = b"", precopy: bool = False) -> BulkStream: ...  # fmt: skip
     def close(self) -> None: ...
 
 
@@ -234,10 +234,10 @@ class GrpcPageSource:
         return GrpcDemandStream(self._demand, epoch, self._with_epoch(epoch))
 
     def open_bulk(self, epoch: int, lane: int, lanes: int, codec: int, batch_pages: int, seek: int,
-                  missing_zstd: bytes = b"") -> GrpcBulkStream:  # fmt: skip
+                  missing_zstd: bytes = b"", precopy: bool = False) -> GrpcBulkStream:  # fmt: skip
         first = pb.StreamControl(
             epoch=epoch, seek_page=seek, codec=pb.Codec.Name(codec), batch_pages=batch_pages,
-            missing_map_zstd=missing_zstd, lane=lane, lanes=lanes,
+            missing_map_zstd=missing_zstd, lane=lane, lanes=lanes, precopy=precopy,
         )  # fmt: skip
         return GrpcBulkStream(self._stream, first, self._with_epoch(epoch))
 
@@ -305,6 +305,18 @@ class GrpcControl:
         # serves its owner first (see source/guard.py)
         self._md = call_metadata(self._secret) + ((EPOCH_KEY, f"{m.epoch:016x}"),)
         return m
+
+    def precopy(self, token: bytes, *, seconds: float, auto: bool, track_only: bool,
+                hot_first: bool) -> Iterator[pb.PrecopyProgress]:  # fmt: skip
+        """Start the source's pre-copy (or, ``track_only``, its hot-page tracking);
+        yields its progress, the first message (round 0) at once with the pre-copy's
+        epoch, the last one ``done``.  Raises a mapped MigratorError."""
+        req = pb.PrecopyRequest(protocol_version=PROTOCOL_VERSION, session_token=token, seconds=seconds, auto=auto,
+                                track_only=track_only, hot_first=hot_first)  # fmt: skip
+        try:
+            yield from self._stub.Precopy(req, timeout=STREAM_TIMEOUT, metadata=self._md)
+        except grpc.RpcError as exc:
+            raise map_rpc_error(exc, "pre-copy") from None
 
     def switchover(self, timeout: float = UNARY_TIMEOUT) -> None:
         self._unary(self._stub.Switchover, pb.SwitchoverRequest(epoch=self.epoch), "switch-over", timeout=timeout)

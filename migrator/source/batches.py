@@ -48,22 +48,31 @@ class Built:
 class BatchBuilder:
     """Builds batches with one reusable read buffer; one builder per thread."""
 
-    def __init__(self, reader: PageReader, untouched: bytes | memoryview, max_pages: int, zstd_level: int = 1) -> None:
+    def __init__(self, reader: PageReader, untouched: bytes | memoryview, max_pages: int, zstd_level: int = 1,
+                 *, running: bool = False, max_span: int = 0) -> None:  # fmt: skip
+        """``max_pages``: pages to send per batch; ``max_span``: pages a batch may cover
+        (default ``max_pages``; more lets scattered pages share a batch, the others
+        flagged omitted).  ``running``: the guest runs (pre-copy), so pages are copied
+        before they are hashed (a view of RAM could change between the hash and the send)."""
         self.reader = reader
         self.ps = reader.page_size
         self.untouched = untouched
         self.max_pages = max_pages
+        self.max_span = max(max_span, max_pages)
         self._buf = bytearray(max_pages * self.ps)
         self._view = memoryview(self._buf)
-        self._mapped = getattr(reader, "view", None)  # pages as views of the guest's RAM, if mapped
+        # pages as views of the guest's RAM, if mapped and paused
+        self._mapped = None if running else getattr(reader, "view", None)
         self._zero = bytes(self.ps)
         self._cctx = zstandard.ZstdCompressor(level=zstd_level)
 
     def build(self, first: int, count: int, include: bytes | bytearray | None, codec: int, *,
-              request_id: int = 0, epoch: int = 0, zero_map_zstd: bytes = b"") -> Built:  # fmt: skip
+              request_id: int = 0, epoch: int = 0, zero_map_zstd: bytes = b"", round_: int = 0) -> Built:  # fmt: skip
         """``include``: one byte per page, nonzero = send it; None = send all."""
-        assert 0 < count <= self.max_pages
+        assert 0 < count <= self.max_span
+        assert count <= self.max_pages or include is not None
         ps, view, zero = self.ps, self._view, self._zero
+        at = 0  # pages of the read buffer used (the data is packed: a batch may span more)
         flags = bytearray(count)
         chunks: list[memoryview] = []
         untouched = self.untouched
@@ -81,7 +90,8 @@ class BatchBuilder:
             if self._mapped is not None:  # the guest's RAM itself: no copy
                 run = self._mapped(first + i, j - i)
             else:
-                run = view[i * ps : j * ps]
+                run = view[at * ps : (at + j - i) * ps]
+                at += j - i
                 self.reader.read_into(first + i, run)
             flags[i:j] = _DATA * (j - i)
             start = 0  # pages of the run (relative) not yet put in a chunk
@@ -110,7 +120,7 @@ class BatchBuilder:
         header = pb.PageBatch(
             epoch=epoch, request_id=request_id, first_page=first, count=count, flags=bytes(flags),
             codec=pb.CODEC_ZSTD if use_zstd else pb.CODEC_NONE, raw_size=raw_size, xxh3=digest,
-            sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map_zstd,
+            sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map_zstd, round=round_,
         )  # fmt: skip
         message = fastbatch.encode(header, chunks)
         return Built(message, ndata, flags.count(FLAG_ZERO), sum(len(c) for c in chunks))

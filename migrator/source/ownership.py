@@ -3,8 +3,11 @@
 ::
 
     RUNNING --handshake--> PAUSING --paused--> PAUSED --switchover--> SWITCHED --complete--> COMPLETED
-       ^                      |                  |                       |
-       +---- pause failed ----+                  |                       |
+     |  ^                     |                  |                       |
+     |  +---- pause failed ---+                  |                       |
+     |  +---- pre-copy ended (no handshake) --+  |                       |
+     +--precopy--> PRECOPY --handshake (same token)--> PAUSING           |
+       ^                                         |                       |
        +---- cancel / roll-back / no switch-over in time ---+            |
        +--------------------- forced roll-back ---------------------------+
 
@@ -18,6 +21,10 @@ in ``tests/test_ownership.py``:
   and the copy here is the only source of the rest.  Nothing resumes it on its
   own, Cancel is refused, and a roll-back needs ``force`` (two live guests if
   the destination's still runs).
+* PRECOPY: the guest still runs here, only tracked and streamed (its own
+  epoch, so that its streams end when it ends); the Handshake of the same
+  token pauses it, any other destination is refused as busy.  A pre-copy that
+  ends without a handshake (the destination went away) changes nothing.
 * COMPLETED is final: the copy here is released.  Complete is answered again
   the same way (its reply may have been lost).
 * Every migration gets a new epoch; a message naming any other epoch is
@@ -35,6 +42,7 @@ from dataclasses import dataclass, field
 
 class Phase(str, enum.Enum):
     RUNNING = "running"
+    PRECOPY = "pre-copy"
     PAUSING = "pausing"
     PAUSED = "paused"
     SWITCHED = "switched-over"
@@ -44,8 +52,9 @@ class Phase(str, enum.Enum):
 # Why an epoch ended; travels to the destination in the refusal's trailing
 # metadata (``ENDED_KEY``) so that it can tell "ended" from "refused".
 ENDED_KEY = "migrator-epoch-ended"
-CANCELLED, TIMED_OUT, ROLLED_BACK, FORCED, COMPLETED_, PAUSE_FAILED, SOURCE_FAILED = (
+CANCELLED, TIMED_OUT, ROLLED_BACK, FORCED, COMPLETED_, PAUSE_FAILED, SOURCE_FAILED, PRECOPY_ENDED = (
     "cancelled", "timed-out", "rolled-back", "rolled-back-forced", "completed", "pause-failed", "source-failed",
+    "precopy-ended",
 )  # fmt: skip
 ENDED_TEXT = {
     CANCELLED: "cancelled by the destination before its guest ran",
@@ -55,6 +64,7 @@ ENDED_TEXT = {
     COMPLETED_: "completed: the source has released the guest",
     PAUSE_FAILED: "the source could not pause its guest",
     SOURCE_FAILED: "the source's guest died: the pages it still held are lost",
+    PRECOPY_ENDED: "its pre-copy ended (the switch-over began, or the destination went away)",
 }
 
 
@@ -77,11 +87,32 @@ class Ownership:
     ended: dict[int, str] = field(default_factory=dict)  # epoch -> why it ended
 
     # -- the handshake ---------------------------------------------------------------
+    def begin_precopy(self, token: bytes, epoch: int) -> None:
+        """RUNNING -> PRECOPY under the pre-copy's own ``epoch``."""
+        if self.phase is Phase.COMPLETED:
+            raise Refused("FAILED_PRECONDITION", "the guest has already migrated away from this source")
+        if self.phase is not Phase.RUNNING:
+            raise Refused("ALREADY_EXISTS", f"a migration is already {self.phase.value}")
+        assert epoch and epoch not in self.ended
+        self.phase, self.token, self.epoch = Phase.PRECOPY, token, epoch
+
+    def end_precopy(self) -> int:
+        """PRECOPY -> RUNNING (the destination went away); returns the pre-copy's epoch, or 0."""
+        if self.phase is not Phase.PRECOPY:
+            return 0
+        self._end(PRECOPY_ENDED, Phase.RUNNING)
+        return self.epoch
+
     def begin_pause(self, token: bytes) -> bool:
-        """True: pause now (RUNNING -> PAUSING).  False: this token's handshake is
-        already done: answer with the same manifest again."""
+        """True: pause now (RUNNING or this token's PRECOPY -> PAUSING; a pre-copy's
+        epoch is ended).  False: this token's handshake is already done: answer with
+        the same manifest again."""
         if self.phase is Phase.RUNNING:
             self.phase, self.token = Phase.PAUSING, token
+            return True
+        if self.phase is Phase.PRECOPY and token and token == self.token:
+            self.ended[self.epoch] = PRECOPY_ENDED
+            self.phase = Phase.PAUSING
             return True
         if token and token == self.token and self.phase in (Phase.PAUSED, Phase.SWITCHED):
             return False
@@ -102,8 +133,8 @@ class Ownership:
 
     # -- serving ---------------------------------------------------------------------
     def check(self, epoch: int) -> None:
-        """Raise unless ``epoch`` is the migration being served now."""
-        if epoch and epoch == self.epoch and self.phase in (Phase.PAUSED, Phase.SWITCHED):
+        """Raise unless ``epoch`` is the migration (or pre-copy) being served now."""
+        if epoch and epoch == self.epoch and self.phase in (Phase.PRECOPY, Phase.PAUSED, Phase.SWITCHED):
             return
         raise self._stale(epoch)
 
@@ -167,7 +198,7 @@ class Ownership:
 
     def source_failed(self) -> int:
         """The source's guest died: the migration in progress (if any) ends; returns its epoch."""
-        if self.phase in (Phase.PAUSED, Phase.SWITCHED):
+        if self.phase in (Phase.PRECOPY, Phase.PAUSED, Phase.SWITCHED):
             epoch = self.epoch
             self._end(SOURCE_FAILED, Phase.RUNNING)
             return epoch

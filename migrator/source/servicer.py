@@ -45,6 +45,9 @@ class MigrationServicer:
     def Switchover(self, request, context):  # type: ignore[no-untyped-def]
         return _unary(context, lambda: self.s.switchover(request))
 
+    def Precopy(self, request, context):  # type: ignore[no-untyped-def]
+        yield from streaming(context, lambda: self.s.precopy(request))
+
     def Complete(self, request, context):  # type: ignore[no-untyped-def]
         return _unary(context, lambda: self.s.complete(request))
 
@@ -140,6 +143,8 @@ def _control_handlers(session: SourceSession) -> grpc.GenericRpcHandler:
         "Describe": u(s.Describe, pb.DescribeRequest.FromString, pb.Manifest.SerializeToString),
         "Handshake": u(s.Handshake, pb.HandshakeRequest.FromString, pb.Manifest.SerializeToString),
         "Switchover": u(s.Switchover, pb.SwitchoverRequest.FromString, pb.SwitchoverReply.SerializeToString),
+        "Precopy": grpc.unary_stream_rpc_method_handler(s.Precopy, pb.PrecopyRequest.FromString,
+                                                        pb.PrecopyProgress.SerializeToString),
         "Complete": u(s.Complete, pb.CompleteRequest.FromString, pb.CompleteReply.SerializeToString),
         "Cancel": u(s.Cancel, pb.CancelRequest.FromString, pb.CancelReply.SerializeToString),
         "Rollback": u(s.Rollback, pb.RollbackRequest.FromString, pb.RollbackReply.SerializeToString),

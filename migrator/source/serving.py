@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator
 
 import zstandard
 
+from migrator import policy
 from migrator.pagemaps import FLIP01, or_bytes
 from migrator.shm import Shared
 from migrator.source import shared as sh
@@ -35,6 +36,8 @@ from migrator.wire import migration_pb2 as pb
 
 MAX_DEMAND_PAGES = 256
 MAX_BATCH_PAGES = 1024
+# a bulk batch covers at most this many pages (its flags, one byte each), whatever it sends of them
+MAX_SPAN = 16384
 DEFAULT_BATCH_PAGES = 512
 # open streams of one migration per worker, per kind: a destination uses one
 # demand stream and one stream per lane (more only while a reconnection tears
@@ -189,7 +192,8 @@ class PageServer:
 
         apply(ctl0)
         self._wait_map(epoch)
-        if ctl0.missing_map_zstd:
+        precopy = ctl0.precopy
+        if ctl0.missing_map_zstd and not precopy:
             self._resume_from(ctl0.missing_map_zstd, start, end)
         bad: list[BaseException] = []
 
@@ -203,25 +207,42 @@ class PageServer:
                 pass
 
         threading.Thread(target=follow, name="bulk-control", daemon=True).start()
-        builder = BatchBuilder(self.reader, self.untouched, batch_pages)
-        zero_map = zstandard.ZstdCompressor(level=3).compress(bytes(self.untouched)) if ctl0.lane == 0 else b""
+        builder = BatchBuilder(self.reader, self.untouched, batch_pages, running=precopy, max_span=MAX_SPAN)
+        first_lane = ctl0.lane == 0 and not precopy
+        zero_map = zstandard.ZstdCompressor(level=3).compress(bytes(self.untouched)) if first_lane else b""
         need = self.need
+        hot = None if precopy or not self.sh.words[sh.HOT] else self.sh.regions["hot"]  # a lane clears its share
         while True:
             if bad:
                 raise bad[0]
             self.check(epoch)
-            pos = state["pos"]
-            p = self._find_need(pos, end)
+            if precopy and self.sh.words[sh.PRE_DONE] == epoch:
+                break  # done: every batch claimed so far is sent; `last` tells the destination
+            p = -1
+            if hot is not None:  # hot-first: the pages written just before the pause, then the rest
+                p = self._find("hot", b"\x01", start, start, end)
+                if p < 0:
+                    hot = None
             if p < 0:
-                p = self._find_need(start, end)
+                p = self._find("need", b"\x00", state["pos"], start, end)
+            if p < 0 and precopy:
+                time.sleep(0.005)  # this round is sent: wait for the next (or the pre-copy's end)
+                continue
             if p < 0:
                 break
-            stop = min(p + batch_pages, end)
-            include = bytes(need[p:stop]).translate(FLIP01)
-            need[p:stop] = b"\x01" * (stop - p)
+            stop, include = self._window(p, end, batch_pages, hot)
+            if hot is not None:
+                hot[p:stop] = bytes(stop - p)
+                if not include.count(1):  # all sent already (on demand)
+                    continue
+            # claimed before the read (pre-copy: see shared.py); only the bytes of pages it
+            # takes: a whole-slice write could undo a 0 the session just set (a page re-dirtied)
+            for a, k in policy.runs_of(include, 1, max_run=batch_pages):
+                need[p + a : p + a + k] = b"\x01" * k
             self.sent[p:stop] = or_bytes(include, self.sent[p:stop])  # bulk only takes pages never sent
             state["pos"] = stop
-            built = builder.build(p, stop - p, include, state["codec"], epoch=epoch, zero_map_zstd=zero_map)
+            built = builder.build(p, stop - p, include, state["codec"], epoch=epoch, zero_map_zstd=zero_map,
+                                  round_=self.sh.words[sh.ROUND] if precopy else 0)  # fmt: skip
             zero_map = b""
             self.check(epoch)  # read while paused: still this epoch after the read
             self.c.add("bulk_pages", built.data_pages + built.zero_pages)
@@ -230,10 +251,33 @@ class PageServer:
         last = pb.PageBatch(epoch=epoch, last=True, sent_unix_ns=time.time_ns(), zero_map_zstd=zero_map)
         yield last.SerializeToString()
 
-    def _find_need(self, start: int, end: int) -> int:
-        """First page in [start, end) the bulk still has to send, or -1 (at C speed)."""
-        off = self.sh.offsets["need"]
-        p = self.sh.map.find(b"\x00", off + start, off + end)
+    def _window(self, p: int, end: int, batch_pages: int, hot: memoryview | None) -> tuple[int, bytes]:
+        """The next batch from page ``p``: (its end, one include byte per page).  It holds
+        up to ``batch_pages`` pages to send (those still needed, and hot if ``hot``) and
+        spans at most ``MAX_SPAN`` pages: scattered pages (hot ones, stale ones after a
+        pre-copy) share a batch instead of making one each."""
+        stop = min(p + batch_pages, end)
+        include = bytes(self.need[p:stop]).translate(FLIP01)
+        if hot is None and include.count(1) == stop - p:
+            return stop, include  # dense: the common case, as before
+        stop = min(p + MAX_SPAN, end)
+        include = bytes(self.need[p:stop]).translate(FLIP01)
+        if hot is not None:
+            include = (int.from_bytes(include, "little") & int.from_bytes(hot[p:stop], "little")).to_bytes(stop - p, "little")
+        if include.count(1) > batch_pages:  # end the batch just after its batch_pages-th page
+            k = -1
+            for _ in range(batch_pages):
+                k = include.find(1, k + 1)
+            stop, include = p + k + 1, include[: k + 1]
+        return stop, include
+
+    def _find(self, region: str, value: bytes, pos: int, start: int, end: int) -> int:
+        """First page from ``pos`` (then from ``start``) to ``end`` whose byte in the
+        shared map ``region`` is ``value``, or -1 (at C speed)."""
+        off = self.sh.offsets[region]
+        p = self.sh.map.find(value, off + pos, off + end)
+        if p < 0 and pos > start:
+            p = self.sh.map.find(value, off + start, off + end)
         return p - off if p >= 0 else -1
 
     def _wait_map(self, epoch: int) -> None:

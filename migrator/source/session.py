@@ -29,8 +29,11 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
+
+import zstandard
 
 from migrator import PROTOCOL_VERSION
 from migrator.errors import GuestError, MigratorError
@@ -39,7 +42,8 @@ from migrator.pagemaps import or_bytes
 from migrator.security import TlsFiles
 from migrator.source import shared as sh
 from migrator.source.guard import RefusalLog
-from migrator.source.ownership import Ownership, Phase, Refused
+from migrator.source.ownership import PRECOPY_ENDED, Ownership, Phase, Refused
+from migrator.source.precopy import Precopy, Request
 from migrator.source.ram_reader import RamReader
 from migrator.wire import migration_pb2 as pb
 from migrator.workers import Worker, WorkerError
@@ -92,6 +96,9 @@ class SourceSession:
         self._lost_reported = False
         self._rate = _RateSampler(guest)
         self.paused_ns = 0
+        self._precopy: Precopy | None = None
+        self._precopy_idle = 0.0  # monotonic: when the pre-copy's progress stream closed (0 = open)
+        self._untrack: Precopy | None = None  # its tracker stays open until the pause's epoch ends
 
     @property
     def phase(self) -> str:
@@ -148,6 +155,9 @@ class SourceSession:
     def _end_epoch(self, epoch: int, why: str) -> None:
         """Every worker stops serving ``epoch`` (and says so) before this returns.
         Caller does not hold the lock."""
+        untrack, self._untrack = self._untrack, None
+        if untrack is not None and why != PRECOPY_ENDED:
+            untrack.release()  # the paused guest's tracker, kept through the downtime
         words = self.shared.words
         words[sh.ENDED_WHY] = sh.WHY.index(why) if why in sh.WHY else 0
         words[sh.ENDED_EPOCH] = epoch
@@ -186,41 +196,121 @@ class SourceSession:
         m = pb.Manifest(protocol_version=PROTOCOL_VERSION, ram_size=h.size, page_size=h.page_size, vcpus=h.vcpus, guest_pid=h.pid)
         return self._ports(m)
 
+    def precopy(self, req: pb.PrecopyRequest) -> Iterator[pb.PrecopyProgress]:
+        """Track the running guest's writes (and stream its pages on the lanes);
+        yields each round's numbers, the last one ``done``.  See ``precopy.py``."""
+        self._check_version(req.protocol_version)
+        if len(req.session_token) != 16:
+            raise Refused("INVALID_ARGUMENT", "session_token must be 16 bytes")
+        if req.seconds < 0 or req.seconds > 3600:
+            raise Refused("INVALID_ARGUMENT", f"pre-copy of {req.seconds} s (0 to 3600)")
+        epoch = secrets.randbits(64) or 1
+        with self._lock:
+            self.own.begin_precopy(req.session_token, epoch)
+        pc = Precopy(self.guest, self._reader, self.shared, epoch,
+                     Request(req.seconds, req.auto, req.track_only, req.hot_first))  # fmt: skip
+        try:
+            pc.start()
+        except BaseException as exc:
+            with self._lock:
+                self.own.end_precopy()
+            self._end_epoch(epoch, PRECOPY_ENDED)
+            if isinstance(exc, MigratorError):
+                raise Refused("FAILED_PRECONDITION", f"the source cannot pre-copy: {exc}") from exc
+            raise
+        with self._lock:
+            self._precopy, self._precopy_idle = pc, 0.0
+        self.shared.words[sh.EPOCH] = epoch  # the lanes serve it from now on
+        self._tell_map_ready(epoch)
+        self.events.put("pre-copy: tracking the guest's writes" + ("" if req.track_only else " and sending its pages"))
+        try:
+            yield pb.PrecopyProgress(epoch=epoch, round=0)  # the lanes may open their streams
+            while True:
+                p = pc.progress.get()
+                if p is None:
+                    return
+                if p.done:
+                    self.events.put(f"pre-copy done after {len(pc.rounds)} rounds, {p.sent_pages} pages sent ({p.why})")
+                stale = zstandard.ZstdCompressor(level=1).compress(p.stale) if p.stale else b""
+                yield pb.PrecopyProgress(epoch=epoch, round=p.round, round_pages=p.round_pages, dirty_pages=p.dirty_pages,
+                                         sent_pages=p.sent_pages, round_s=p.round_s, done=p.done, why=p.why,
+                                         stale_map_zstd=stale)  # fmt: skip
+        finally:
+            with self._lock:
+                self._precopy_idle = time.monotonic()
+
+    def _end_precopy(self, why: str) -> None:
+        """A pre-copy that no handshake followed: tracking stops, the guest runs on."""
+        if self._stop_tracking(self.own.end_precopy, PRECOPY_ENDED):
+            self.events.put(f"pre-copy ended without a switch-over ({why}); the guest runs on here")
+
+    def _stop_tracking(self, end: Callable[[], int], why: str) -> int:
+        """``end()`` (an Ownership transition, under the lock) and its epoch's end; any
+        pre-copy's tracking stops.  Returns the epoch that ended, or 0."""
+        with self._lock:
+            epoch = end()
+            pc, self._precopy = self._precopy, None
+        if pc is not None:
+            pc.abort()
+        if epoch:
+            self._end_epoch(epoch, why)
+        return epoch
+
     def handshake(self, req: pb.HandshakeRequest) -> pb.Manifest:
         """Pause the guest and describe it; the same token gets the same answer again."""
         self._check_version(req.protocol_version)
         if len(req.session_token) != 16:
             raise Refused("INVALID_ARGUMENT", "session_token must be 16 bytes")
         with self._lock:
+            pre_epoch = self.own.epoch if self.own.phase is Phase.PRECOPY else 0
             if not self.own.begin_pause(req.session_token):
                 assert self._manifest is not None
                 return self._manifest
+            pc, self._precopy = (self._precopy, None) if pre_epoch else (None, None)
+        if pre_epoch:
+            self._end_epoch(pre_epoch, PRECOPY_ENDED)  # the lanes stop pre-copying (before the pause)
+        self._untrack = pc
         try:
-            manifest = self._pause()
+            manifest = self._pause(pc)
         except BaseException as exc:
+            if pc is not None:
+                pc.abort()
             self._pause_failed(exc)
             if isinstance(exc, (MigratorError, OSError, ValueError)):
                 raise Refused("ABORTED", f"the source could not pause its guest ({exc}); it keeps running there") from exc
             raise
-        threading.Thread(target=self._read_untouched, args=(manifest.epoch,), name="pagemap", daemon=True).start()
+        read = self._maps_ready if pc is not None else self._read_untouched
+        threading.Thread(target=read, args=(manifest.epoch,), name="pagemap", daemon=True).start()
         return manifest
 
-    def _pause(self) -> pb.Manifest:
+    def _pause(self, pc: Precopy | None = None) -> pb.Manifest:
         h = self.guest.hello
         ops_before = self._rate.stop()
         reply = self.guest.call("pause", timeout=PAUSE_TIMEOUT_S)
         epoch = secrets.randbits(64) or 1
         m = self.shared.regions
         zeros = bytes(self.npages)
-        for name in ("untouched", "need", "sent"):  # until the map is read: nothing known to be untouched
-            m[name][:] = zeros
         self.shared.words[sh.READY] = 0
+        stale = b""
+        if pc is not None:
+            # the tracker's maps stand (untouched, need = still to send, hot): a last scan
+            t = time.perf_counter()
+            stale = pc.freeze()
+            log.debug("pre-copy freeze %.1f ms", (time.perf_counter() - t) * 1e3)
+            m["sent"][:] = zeros
+        else:
+            self.shared.words[sh.HOT] = 0
+            for name in ("untouched", "need", "sent"):  # until the map is read: nothing known to be untouched
+                m[name][:] = zeros
         manifest = self._ports(pb.Manifest(
             protocol_version=PROTOCOL_VERSION, epoch=epoch, ram_size=h.size, page_size=h.page_size,
             vcpu_state=json.dumps(reply["state"]).encode(), paused_unix_ns=int(reply["paused_ns"]), vcpus=h.vcpus,
             ops_per_s_before=ops_before, guest_pid=h.pid,
             switchover_timeout_ms=int(self.own.switchover_timeout_s * 1000),
         ))  # fmt: skip
+        if pc is not None and not pc.req.track_only:
+            manifest.stale_map_zstd = zstandard.ZstdCompressor(level=1).compress(stale)
+            manifest.precopy_pages, manifest.precopy_rounds = pc.sent_pages, len(pc.rounds)
         with self._lock:
             self.paused_ns = int(reply["paused_ns"])
             self._manifest = manifest
@@ -241,6 +331,21 @@ class SourceSession:
         self._rate = _RateSampler(self.guest)
         self.events.put(f"could not pause the guest for a destination ({exc}); it keeps running here")
 
+    def _maps_ready(self, epoch: int) -> None:
+        """After a pre-copy the tracker's maps are already right: say so."""
+        with self._lock:
+            if self.own.epoch != epoch or self.own.phase not in (Phase.PAUSED, Phase.SWITCHED):
+                return
+            self.shared.words[sh.READY] = epoch
+        self._tell_map_ready(epoch)
+
+    def _tell_map_ready(self, epoch: int) -> None:
+        for w in self.workers:
+            try:
+                w.send("map-ready", epoch=epoch)
+            except WorkerError:
+                pass
+
     def _read_untouched(self, epoch: int) -> None:
         """Reading pagemap costs ~10 ms per GiB: done after the reply, outside the downtime."""
         try:
@@ -255,11 +360,7 @@ class SourceSession:
             m["untouched"][:] = untouched
             m["need"][:] = or_bytes(m["need"], untouched)
             self.shared.words[sh.READY] = epoch
-        for w in self.workers:
-            try:
-                w.send("map-ready", epoch=epoch)
-            except WorkerError:
-                pass
+        self._tell_map_ready(epoch)
 
     # -- the switch-over and its endings ------------------------------------------------
     def switchover(self, req: pb.SwitchoverRequest) -> pb.SwitchoverReply:
@@ -300,8 +401,13 @@ class SourceSession:
         return pb.CompleteReply(pages_served=st.demand_pages + st.bulk_pages, bytes_sent=st.bytes_sent)
 
     def tick(self) -> None:
-        """Called every ~0.2 s by the run loop: the switch-over timeout, a lost destination."""
+        """Called every ~0.2 s by the run loop: the switch-over timeout, a lost destination,
+        a pre-copy nobody follows up."""
         now = time.monotonic()
+        with self._lock:
+            idle = self._precopy is not None and self._precopy_idle and now - self._precopy_idle > self.own.switchover_timeout_s
+        if idle:
+            self._end_precopy("no handshake followed it")
         open_streams = sum(self.shared.words[sh.FIRST_SLOT + sh.SLOT_WORDS * k + sh.OPEN] for k in range(len(self.workers)))
         with self._lock:
             epoch = self.own.epoch
@@ -329,11 +435,7 @@ class SourceSession:
     def guest_died(self) -> bool:
         """The source's guest died mid-migration: end its epoch so that the destination,
         asking, learns it at once (rather than at its reconnect deadline).  True if one ended."""
-        with self._lock:
-            epoch = self.own.source_failed()
-        if epoch:
-            self._end_epoch(epoch, "source-failed")
-        return bool(epoch)
+        return bool(self._stop_tracking(self.own.source_failed, "source-failed"))
 
     def _resume_here(self, epoch: int, why: str, message: str) -> None:
         self._end_epoch(epoch, why)
@@ -352,6 +454,9 @@ class SourceSession:
 
     def close(self) -> None:
         self._rate.stop()
+        for pc in (self._precopy, self._untrack):
+            if pc is not None:
+                pc.abort()
         for w in self.workers:
             w.stop(timeout=3)
         self._reader.close()

@@ -51,6 +51,7 @@ _UFFDIO_UNREGISTER = 0x01
 _UFFDIO_WAKE = 0x02
 _UFFDIO_COPY = 0x03
 _UFFDIO_ZEROPAGE = 0x04
+_UFFDIO_WRITEPROTECT = 0x06
 _UFFDIO_API = 0x3F
 
 UFFD_EVENT_PAGEFAULT = 0x12
@@ -76,6 +77,13 @@ UFFD_FEATURE_MINOR_HUGETLBFS = 1 << 9
 UFFD_FEATURE_MINOR_SHMEM = 1 << 10
 UFFD_FEATURE_EXACT_ADDRESS = 1 << 11
 UFFD_FEATURE_WP_HUGETLBFS_SHMEM = 1 << 12
+# Linux 6.4+ (newer than the 6.1 header Debian 12 installs; values from the
+# kernel's include/uapi/linux/userfaultfd.h): write-protect ptes that are not
+# populated yet, and resolve write-protect faults in the kernel itself (no
+# handler: the dirty tracker of ``dirty.py``).
+UFFD_FEATURE_WP_UNPOPULATED = 1 << 13
+UFFD_FEATURE_POISON = 1 << 14
+UFFD_FEATURE_WP_ASYNC = 1 << 15
 
 UFFDIO_REGISTER_MODE_MISSING = 1 << 0
 UFFDIO_REGISTER_MODE_WP = 1 << 1
@@ -84,6 +92,8 @@ UFFDIO_REGISTER_MODE_MINOR = 1 << 2
 UFFDIO_COPY_MODE_DONTWAKE = 1 << 0
 UFFDIO_COPY_MODE_WP = 1 << 1
 UFFDIO_ZEROPAGE_MODE_DONTWAKE = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_WP = 1 << 0
+UFFDIO_WRITEPROTECT_MODE_DONTWAKE = 1 << 1
 
 # /dev/userfaultfd (linux/userfaultfd.h, 6.1+): USERFAULTFD_IOC_NEW = _IO(0xAA, 0)
 USERFAULTFD_IOC = 0xAA
@@ -143,6 +153,12 @@ class uffdio_zeropage(ctypes.Structure):
         ("mode", ctypes.c_uint64),
         ("zeropage", ctypes.c_int64),
     ]
+
+
+class uffdio_writeprotect(ctypes.Structure):
+    """struct uffdio_writeprotect"""
+
+    _fields_ = [("range", uffdio_range), ("mode", ctypes.c_uint64)]
 
 
 class _uffd_pagefault_feat(ctypes.Union):
@@ -215,6 +231,7 @@ assert ctypes.sizeof(uffdio_api) == 24
 assert ctypes.sizeof(uffdio_register) == 32
 assert ctypes.sizeof(uffdio_copy) == 40
 assert ctypes.sizeof(uffdio_zeropage) == 32
+assert ctypes.sizeof(uffdio_writeprotect) == 24
 
 # Offsets inside struct uffd_msg, for decoding many messages from one read()
 # with struct.unpack_from (cheaper than a ctypes object per message).
@@ -230,6 +247,7 @@ UFFDIO_UNREGISTER = _IOR(UFFDIO, _UFFDIO_UNREGISTER, uffdio_range)
 UFFDIO_WAKE = _IOR(UFFDIO, _UFFDIO_WAKE, uffdio_range)
 UFFDIO_COPY = _IOWR(UFFDIO, _UFFDIO_COPY, uffdio_copy)
 UFFDIO_ZEROPAGE = _IOWR(UFFDIO, _UFFDIO_ZEROPAGE, uffdio_zeropage)
+UFFDIO_WRITEPROTECT = _IOWR(UFFDIO, _UFFDIO_WRITEPROTECT, uffdio_writeprotect)
 
 FEATURE_NAMES = {
     UFFD_FEATURE_PAGEFAULT_FLAG_WP: "PAGEFAULT_FLAG_WP",
@@ -245,4 +263,55 @@ FEATURE_NAMES = {
     UFFD_FEATURE_MINOR_SHMEM: "MINOR_SHMEM",
     UFFD_FEATURE_EXACT_ADDRESS: "EXACT_ADDRESS",
     UFFD_FEATURE_WP_HUGETLBFS_SHMEM: "WP_HUGETLBFS_SHMEM",
+    UFFD_FEATURE_WP_UNPOPULATED: "WP_UNPOPULATED",
+    UFFD_FEATURE_POISON: "POISON",
+    UFFD_FEATURE_WP_ASYNC: "WP_ASYNC",
 }
+
+
+# --- linux/fs.h (6.7+): the PAGEMAP_SCAN ioctl on /proc/PID/pagemap ------------
+# Not in Debian 12's 6.1 header: laid out from the kernel's include/uapi/linux/fs.h
+# (the ABI CRIU's criu/include/pagemap_scan.h and the kernel's selftest
+# tools/testing/selftests/mm/pagemap_ioctl.c use).  A test checks them against
+# the header when it has them, and against this kernel's behaviour always.
+PAGE_IS_WPALLOWED = 1 << 0
+PAGE_IS_WRITTEN = 1 << 1
+PAGE_IS_FILE = 1 << 2
+PAGE_IS_PRESENT = 1 << 3
+PAGE_IS_SWAPPED = 1 << 4
+PAGE_IS_PFNZERO = 1 << 5
+PAGE_IS_HUGE = 1 << 6
+PAGE_IS_SOFT_DIRTY = 1 << 7
+
+PM_SCAN_WP_MATCHING = 1 << 0  # write-protect the pages matched (after reporting them)
+PM_SCAN_CHECK_WPASYNC = 1 << 1  # fail on a page without async write protection
+
+
+class page_region(ctypes.Structure):
+    """struct page_region: [start, end) bytes, and the categories of that run"""
+
+    _fields_ = [("start", ctypes.c_uint64), ("end", ctypes.c_uint64), ("categories", ctypes.c_uint64)]
+
+
+class pm_scan_arg(ctypes.Structure):
+    """struct pm_scan_arg; ``walk_end`` is written back by the kernel."""
+
+    _fields_ = [
+        ("size", ctypes.c_uint64),
+        ("flags", ctypes.c_uint64),
+        ("start", ctypes.c_uint64),
+        ("end", ctypes.c_uint64),
+        ("walk_end", ctypes.c_uint64),
+        ("vec", ctypes.c_uint64),
+        ("vec_len", ctypes.c_uint64),
+        ("max_pages", ctypes.c_uint64),
+        ("category_inverted", ctypes.c_uint64),
+        ("category_mask", ctypes.c_uint64),
+        ("category_anyof_mask", ctypes.c_uint64),
+        ("return_mask", ctypes.c_uint64),
+    ]
+
+
+assert ctypes.sizeof(page_region) == 24
+assert ctypes.sizeof(pm_scan_arg) == 96
+PAGEMAP_SCAN = _IOWR(ord("f"), 16, pm_scan_arg)

@@ -63,12 +63,13 @@ class Batch:
     sent_unix_ns: int = 0
     zero_map_zstd: bytes = b""
     xxh3: int = 0
+    round: int = 0  # pre-copy round (0 = post-copy)
     wire_size: int = 0  # bytes of the whole message
     data_offset: int = 0  # where ``data`` starts in the message
 
 
 _VARINT_FIELDS = {1: "request_id", 2: "first_page", 3: "count", 5: "codec", 7: "raw_size", 9: "last",
-                  10: "sent_unix_ns", 12: "epoch"}  # fmt: skip
+                  10: "sent_unix_ns", 12: "epoch", 14: "round"}  # fmt: skip
 _BYTES_FIELDS = {4: "flags", 6: "data", 11: "zero_map_zstd"}
 _FIXED64_FIELDS = {13: "xxh3"}
 

@@ -24,43 +24,47 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmigrator/wire/migration.proto\x12\rmigrator.wire\"+\n\x0f\x44\x65scribeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"C\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rsession_token\x18\x02 \x01(\x0c\"\x96\x02\n\x08Manifest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08ram_size\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\nvcpu_state\x18\x05 \x01(\x0c\x12\x16\n\x0epaused_unix_ns\x18\x07 \x01(\x04\x12\r\n\x05vcpus\x18\x08 \x01(\r\x12\x18\n\x10ops_per_s_before\x18\t \x01(\x01\x12\x11\n\tguest_pid\x18\n \x01(\x04\x12\x1d\n\x15switchover_timeout_ms\x18\x0b \x01(\r\x12\x1a\n\x12urgent_port_offset\x18\x0c \x01(\r\x12\x19\n\x11lane_port_offsets\x18\r \x03(\r\"\"\n\x11SwitchoverRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x11\n\x0fSwitchoverReply\"h\n\rDemandRequest\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x11\n\tdiscarded\x18\x05 \x01(\x08\"\xc4\x01\n\rStreamControl\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x16\n\tseek_page\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12(\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x14.migrator.wire.CodecH\x01\x88\x01\x01\x12\x13\n\x0b\x62\x61tch_pages\x18\x03 \x01(\r\x12\x18\n\x10missing_map_zstd\x18\x04 \x01(\x0c\x12\x0c\n\x04lane\x18\x06 \x01(\r\x12\r\n\x05lanes\x18\x07 \x01(\rB\x0c\n\n_seek_pageB\x08\n\x06_codec\"\xf4\x01\n\tPageBatch\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05\x66lags\x18\x04 \x01(\x0c\x12#\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x14.migrator.wire.Codec\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08raw_size\x18\x07 \x01(\r\x12\x0c\n\x04xxh3\x18\r \x01(\x06\x12\x0c\n\x04last\x18\t \x01(\x08\x12\x14\n\x0csent_unix_ns\x18\n \x01(\x04\x12\x15\n\rzero_map_zstd\x18\x0b \x01(\x0cJ\x04\x08\x08\x10\t\"F\n\x0f\x43ompleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0fpages_installed\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x08\"9\n\rCompleteReply\x12\x14\n\x0cpages_served\x18\x01 \x01(\x04\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\".\n\rCancelRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0b\x43\x61ncelReply\" \n\x0fRollbackRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\" \n\rRollbackReply\x12\x0f\n\x07message\x18\x01 \x01(\t*\'\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZSTD\x10\x01\x32\xcb\x04\n\tMigration\x12\x43\n\x08\x44\x65scribe\x12\x1e.migrator.wire.DescribeRequest\x1a\x17.migrator.wire.Manifest\x12\x45\n\tHandshake\x12\x1f.migrator.wire.HandshakeRequest\x1a\x17.migrator.wire.Manifest\x12N\n\nSwitchover\x12 .migrator.wire.SwitchoverRequest\x1a\x1e.migrator.wire.SwitchoverReply\x12\x44\n\x06\x44\x65mand\x12\x1c.migrator.wire.DemandRequest\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12\x44\n\x06Stream\x12\x1c.migrator.wire.StreamControl\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12H\n\x08\x43omplete\x12\x1e.migrator.wire.CompleteRequest\x1a\x1c.migrator.wire.CompleteReply\x12\x42\n\x06\x43\x61ncel\x12\x1c.migrator.wire.CancelRequest\x1a\x1a.migrator.wire.CancelReply\x12H\n\x08Rollback\x12\x1e.migrator.wire.RollbackRequest\x1a\x1c.migrator.wire.RollbackReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1dmigrator/wire/migration.proto\x12\rmigrator.wire\"+\n\x0f\x44\x65scribeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\"C\n\x10HandshakeRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rsession_token\x18\x02 \x01(\x0c\"\xdd\x02\n\x08Manifest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x10\n\x08ram_size\x18\x03 \x01(\x04\x12\x11\n\tpage_size\x18\x04 \x01(\r\x12\x12\n\nvcpu_state\x18\x05 \x01(\x0c\x12\x16\n\x0epaused_unix_ns\x18\x07 \x01(\x04\x12\r\n\x05vcpus\x18\x08 \x01(\r\x12\x18\n\x10ops_per_s_before\x18\t \x01(\x01\x12\x11\n\tguest_pid\x18\n \x01(\x04\x12\x1d\n\x15switchover_timeout_ms\x18\x0b \x01(\r\x12\x1a\n\x12urgent_port_offset\x18\x0c \x01(\r\x12\x19\n\x11lane_port_offsets\x18\r \x03(\r\x12\x16\n\x0estale_map_zstd\x18\x0e \x01(\x0c\x12\x15\n\rprecopy_pages\x18\x0f \x01(\x04\x12\x16\n\x0eprecopy_rounds\x18\x10 \x01(\r\"\x87\x01\n\x0ePrecopyRequest\x12\x18\n\x10protocol_version\x18\x01 \x01(\r\x12\x15\n\rsession_token\x18\x02 \x01(\x0c\x12\x0f\n\x07seconds\x18\x03 \x01(\x01\x12\x0c\n\x04\x61uto\x18\x04 \x01(\x08\x12\x12\n\ntrack_only\x18\x05 \x01(\x08\x12\x11\n\thot_first\x18\x06 \x01(\x08\"\xb1\x01\n\x0fPrecopyProgress\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bround_pages\x18\x03 \x01(\x04\x12\x13\n\x0b\x64irty_pages\x18\x04 \x01(\x04\x12\x12\n\nsent_pages\x18\x05 \x01(\x04\x12\x0f\n\x07round_s\x18\x06 \x01(\x01\x12\x0c\n\x04\x64one\x18\x07 \x01(\x08\x12\x0b\n\x03why\x18\x08 \x01(\t\x12\x16\n\x0estale_map_zstd\x18\t \x01(\x0c\"\"\n\x11SwitchoverRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x11\n\x0fSwitchoverReply\"h\n\rDemandRequest\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\x11\n\tdiscarded\x18\x05 \x01(\x08\"\xd5\x01\n\rStreamControl\x12\r\n\x05\x65poch\x18\x05 \x01(\x04\x12\x16\n\tseek_page\x18\x01 \x01(\x04H\x00\x88\x01\x01\x12(\n\x05\x63odec\x18\x02 \x01(\x0e\x32\x14.migrator.wire.CodecH\x01\x88\x01\x01\x12\x13\n\x0b\x62\x61tch_pages\x18\x03 \x01(\r\x12\x18\n\x10missing_map_zstd\x18\x04 \x01(\x0c\x12\x0c\n\x04lane\x18\x06 \x01(\r\x12\r\n\x05lanes\x18\x07 \x01(\r\x12\x0f\n\x07precopy\x18\x08 \x01(\x08\x42\x0c\n\n_seek_pageB\x08\n\x06_codec\"\x83\x02\n\tPageBatch\x12\r\n\x05\x65poch\x18\x0c \x01(\x04\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x12\x12\n\nfirst_page\x18\x02 \x01(\x04\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12\r\n\x05\x66lags\x18\x04 \x01(\x0c\x12#\n\x05\x63odec\x18\x05 \x01(\x0e\x32\x14.migrator.wire.Codec\x12\x0c\n\x04\x64\x61ta\x18\x06 \x01(\x0c\x12\x10\n\x08raw_size\x18\x07 \x01(\r\x12\x0c\n\x04xxh3\x18\r \x01(\x06\x12\x0c\n\x04last\x18\t \x01(\x08\x12\x14\n\x0csent_unix_ns\x18\n \x01(\x04\x12\x15\n\rzero_map_zstd\x18\x0b \x01(\x0c\x12\r\n\x05round\x18\x0e \x01(\rJ\x04\x08\x08\x10\t\"F\n\x0f\x43ompleteRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x17\n\x0fpages_installed\x18\x02 \x01(\x04\x12\x0b\n\x03\x61\x63k\x18\x03 \x01(\x08\"9\n\rCompleteReply\x12\x14\n\x0cpages_served\x18\x01 \x01(\x04\x12\x12\n\nbytes_sent\x18\x02 \x01(\x04\".\n\rCancelRequest\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\r\n\x0b\x43\x61ncelReply\" \n\x0fRollbackRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\" \n\rRollbackReply\x12\x0f\n\x07message\x18\x01 \x01(\t*\'\n\x05\x43odec\x12\x0e\n\nCODEC_NONE\x10\x00\x12\x0e\n\nCODEC_ZSTD\x10\x01\x32\x97\x05\n\tMigration\x12\x43\n\x08\x44\x65scribe\x12\x1e.migrator.wire.DescribeRequest\x1a\x17.migrator.wire.Manifest\x12\x45\n\tHandshake\x12\x1f.migrator.wire.HandshakeRequest\x1a\x17.migrator.wire.Manifest\x12N\n\nSwitchover\x12 .migrator.wire.SwitchoverRequest\x1a\x1e.migrator.wire.SwitchoverReply\x12J\n\x07Precopy\x12\x1d.migrator.wire.PrecopyRequest\x1a\x1e.migrator.wire.PrecopyProgress0\x01\x12\x44\n\x06\x44\x65mand\x12\x1c.migrator.wire.DemandRequest\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12\x44\n\x06Stream\x12\x1c.migrator.wire.StreamControl\x1a\x18.migrator.wire.PageBatch(\x01\x30\x01\x12H\n\x08\x43omplete\x12\x1e.migrator.wire.CompleteRequest\x1a\x1c.migrator.wire.CompleteReply\x12\x42\n\x06\x43\x61ncel\x12\x1c.migrator.wire.CancelRequest\x1a\x1a.migrator.wire.CancelReply\x12H\n\x08Rollback\x12\x1e.migrator.wire.RollbackRequest\x1a\x1c.migrator.wire.RollbackReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'migrator.wire.migration_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CODEC']._serialized_start=1312
-  _globals['_CODEC']._serialized_end=1351
+  _globals['_CODEC']._serialized_start=1733
+  _globals['_CODEC']._serialized_end=1772
   _globals['_DESCRIBEREQUEST']._serialized_start=48
   _globals['_DESCRIBEREQUEST']._serialized_end=91
   _globals['_HANDSHAKEREQUEST']._serialized_start=93
   _globals['_HANDSHAKEREQUEST']._serialized_end=160
   _globals['_MANIFEST']._serialized_start=163
-  _globals['_MANIFEST']._serialized_end=441
-  _globals['_SWITCHOVERREQUEST']._serialized_start=443
-  _globals['_SWITCHOVERREQUEST']._serialized_end=477
-  _globals['_SWITCHOVERREPLY']._serialized_start=479
-  _globals['_SWITCHOVERREPLY']._serialized_end=496
-  _globals['_DEMANDREQUEST']._serialized_start=498
-  _globals['_DEMANDREQUEST']._serialized_end=602
-  _globals['_STREAMCONTROL']._serialized_start=605
-  _globals['_STREAMCONTROL']._serialized_end=801
-  _globals['_PAGEBATCH']._serialized_start=804
-  _globals['_PAGEBATCH']._serialized_end=1048
-  _globals['_COMPLETEREQUEST']._serialized_start=1050
-  _globals['_COMPLETEREQUEST']._serialized_end=1120
-  _globals['_COMPLETEREPLY']._serialized_start=1122
-  _globals['_COMPLETEREPLY']._serialized_end=1179
-  _globals['_CANCELREQUEST']._serialized_start=1181
-  _globals['_CANCELREQUEST']._serialized_end=1227
-  _globals['_CANCELREPLY']._serialized_start=1229
-  _globals['_CANCELREPLY']._serialized_end=1242
-  _globals['_ROLLBACKREQUEST']._serialized_start=1244
-  _globals['_ROLLBACKREQUEST']._serialized_end=1276
-  _globals['_ROLLBACKREPLY']._serialized_start=1278
-  _globals['_ROLLBACKREPLY']._serialized_end=1310
-  _globals['_MIGRATION']._serialized_start=1354
-  _globals['_MIGRATION']._serialized_end=1941
+  _globals['_MANIFEST']._serialized_end=512
+  _globals['_PRECOPYREQUEST']._serialized_start=515
+  _globals['_PRECOPYREQUEST']._serialized_end=650
+  _globals['_PRECOPYPROGRESS']._serialized_start=653
+  _globals['_PRECOPYPROGRESS']._serialized_end=830
+  _globals['_SWITCHOVERREQUEST']._serialized_start=832
+  _globals['_SWITCHOVERREQUEST']._serialized_end=866
+  _globals['_SWITCHOVERREPLY']._serialized_start=868
+  _globals['_SWITCHOVERREPLY']._serialized_end=885
+  _globals['_DEMANDREQUEST']._serialized_start=887
+  _globals['_DEMANDREQUEST']._serialized_end=991
+  _globals['_STREAMCONTROL']._serialized_start=994
+  _globals['_STREAMCONTROL']._serialized_end=1207
+  _globals['_PAGEBATCH']._serialized_start=1210
+  _globals['_PAGEBATCH']._serialized_end=1469
+  _globals['_COMPLETEREQUEST']._serialized_start=1471
+  _globals['_COMPLETEREQUEST']._serialized_end=1541
+  _globals['_COMPLETEREPLY']._serialized_start=1543
+  _globals['_COMPLETEREPLY']._serialized_end=1600
+  _globals['_CANCELREQUEST']._serialized_start=1602
+  _globals['_CANCELREQUEST']._serialized_end=1648
+  _globals['_CANCELREPLY']._serialized_start=1650
+  _globals['_CANCELREPLY']._serialized_end=1663
+  _globals['_ROLLBACKREQUEST']._serialized_start=1665
+  _globals['_ROLLBACKREQUEST']._serialized_end=1697
+  _globals['_ROLLBACKREPLY']._serialized_start=1699
+  _globals['_ROLLBACKREPLY']._serialized_end=1731
+  _globals['_MIGRATION']._serialized_start=1775
+  _globals['_MIGRATION']._serialized_end=2438
 # @@protoc_insertion_point(module_scope)

@@ -49,6 +49,11 @@ class MigrationStub:
                 request_serializer=migrator_dot_wire_dot_migration__pb2.SwitchoverRequest.SerializeToString,
                 response_deserializer=migrator_dot_wire_dot_migration__pb2.SwitchoverReply.FromString,
                 _registered_method=True)
+        self.Precopy = channel.unary_stream(
+                '/migrator.wire.Migration/Precopy',
+                request_serializer=migrator_dot_wire_dot_migration__pb2.PrecopyRequest.SerializeToString,
+                response_deserializer=migrator_dot_wire_dot_migration__pb2.PrecopyProgress.FromString,
+                _registered_method=True)
         self.Demand = channel.stream_stream(
                 '/migrator.wire.Migration/Demand',
                 request_serializer=migrator_dot_wire_dot_migration__pb2.DemandRequest.SerializeToString,
@@ -93,6 +98,14 @@ class MigrationServicer:
 
     def Switchover(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Precopy(self, request, context):
+        """Before the Handshake: track the running guest's writes; pre-copy rounds
+        on the lanes (Stream with precopy set) unless track_only.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -149,6 +162,11 @@ def add_MigrationServicer_to_server(servicer, server):
                     servicer.Switchover,
                     request_deserializer=migrator_dot_wire_dot_migration__pb2.SwitchoverRequest.FromString,
                     response_serializer=migrator_dot_wire_dot_migration__pb2.SwitchoverReply.SerializeToString,
+            ),
+            'Precopy': grpc.unary_stream_rpc_method_handler(
+                    servicer.Precopy,
+                    request_deserializer=migrator_dot_wire_dot_migration__pb2.PrecopyRequest.FromString,
+                    response_serializer=migrator_dot_wire_dot_migration__pb2.PrecopyProgress.SerializeToString,
             ),
             'Demand': grpc.stream_stream_rpc_method_handler(
                     servicer.Demand,
@@ -257,6 +275,33 @@ class Migration:
             '/migrator.wire.Migration/Switchover',
             migrator_dot_wire_dot_migration__pb2.SwitchoverRequest.SerializeToString,
             migrator_dot_wire_dot_migration__pb2.SwitchoverReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Precopy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/migrator.wire.Migration/Precopy',
+            migrator_dot_wire_dot_migration__pb2.PrecopyRequest.SerializeToString,
+            migrator_dot_wire_dot_migration__pb2.PrecopyProgress.FromString,
             options,
             channel_credentials,
             insecure,
