@@ -325,6 +325,9 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
         hop = SourceConfig(listen=listen, ready_file=ready_file, secret_file=secret_file, tls=tls, lanes=kw["lanes"])
         sig.rollback.clear()  # only a roll-back of the next hop counts
         try:
+            if summary.pages_remapped:  # its pages are read where guest RAM was mapped: not there any more
+                raise MigratorError("the guest moved part of its RAM (mremap) while it migrated here; a next hop "
+                                    "needs it where it was mapped")  # fmt: skip
             served = serve_guest(out.guest, hop, stop, say=lambda m: click.echo(m, err=True), rollback=sig.rollback)
         except (MigratorError, OSError, RuntimeError) as exc:
             # never stop a complete guest because the next hop cannot start: it runs on here

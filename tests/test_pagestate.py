@@ -101,11 +101,16 @@ class Recorder:
     def wake(self, addr: int, length: int) -> None:
         self.calls.append(("wake", (addr - BASE) // PS, length // PS))
 
-    def install_zero(self, page: int, write: bool) -> bool:
+    def install_zero(self, page: int, write: bool, wait: bool = True) -> bool:
         self.calls.append(("zero", page, int(write)))
         return True
 
-    def install_discarded(self, page: int, write: bool) -> bool:
+    def install_zero_at(self, address: int, write: bool) -> bool:
+        """False: not registered there (ENOENT), as outside guest RAM."""
+        self.calls.append(("zero-at", (address - BASE) // PS, int(write)))
+        return False
+
+    def install_discarded(self, page: int, write: bool, wait: bool = True) -> bool:
         """False: the kernel has a page there (EEXIST), as after an install raced the fault."""
         self.calls.append(("try-zero", page, int(write)))
         return False
@@ -160,11 +165,12 @@ def test_fault_on_a_known_zero_page_is_resolved_here(ps: PageState) -> None:
 
 
 def test_fault_outside_guest_ram_is_woken_and_ignored(ps: PageState) -> None:
-    """Not guest RAM (any more: a fault read just before the event that moved or
-    unmapped its page): the thread is let go, nothing is requested."""
+    """Not a page of guest RAM: a zero page if the address is registered (the tail an
+    mremap grew), else (ENOENT: a fault read just before the event that moved or
+    unmapped its page) the thread is let go; nothing is requested."""
     h, rec, reqs = handler(ps)
     h(Fault(BASE + 64 * PS + 5, False, 1))
-    assert rec.calls == [("wake", 64, 1)] and reqs == [] and ps.counters(0).get("faults_spurious") == 1
+    assert rec.calls == [("zero-at", 64, 0), ("wake", 64, 1)] and reqs == [] and ps.counters(0).get("faults_spurious") == 1
 
 
 def test_a_fault_in_the_last_window_never_hints_past_the_end(ps: PageState) -> None:

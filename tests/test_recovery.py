@@ -61,8 +61,8 @@ def test_source_gone_for_good_ends_at_the_deadline(tmp_path: Path) -> None:
             # kill the source once the destination's guest runs (it has vCPU threads then)
             procs.wait_for(lambda: any(procs.thread_count(g) > 1 for g in procs.guest_children(dest.pid)), 60,
                            what="the destination guest to run")  # fmt: skip
+            t_kill = time.monotonic()  # before: the destination may notice while kill_group() still waits
             src.kill_group()
-            t_kill = time.monotonic()
             procs.wait_for(lambda: "source unreachable" in dest.stderr(), 10, what="the destination to say so")
             assert "reconnecting for up to 4 s" in dest.stderr()
             assert time.monotonic() - t_kill < 10

@@ -47,8 +47,13 @@ from migrator.dest.install import Installer
 from migrator.dest.pagestate import (
     DISCARDED, DROPPING, EVENTS, GONE, HINTS, MISSING, PRESENT, REMAPS, REQUESTED, ZERO_READY, Counters, PageState,
 )  # fmt: skip
+from migrator.errors import RetryLater, Unmapped
 from migrator.uffd.fd import Event, Fault, Userfaultfd
 from migrator.workers import set_thread_name
+
+
+DEFER_POLL_S = 0.0005  # with faults deferred: look at the uffd again this soon
+MAX_DEFER_S = 10.0
 
 
 class FaultHandler:
@@ -80,43 +85,58 @@ class FaultHandler:
         self._seek_pos = [-1] * len(lane_starts)
         # where guest RAM is: (start address, end address, first page), by start; one
         # segment until a remap moves pages
-        self._segs = [(base, base + ps.npages * page_size, 0)]
-        self._seg_starts = [base]
+        self._where: tuple[list[tuple[int, int, int]], list[int]] = ([(base, base + ps.npages * page_size, 0)], [base])
 
     # -- faults --------------------------------------------------------------------------
     def __call__(self, f: Fault) -> None:
+        """Handle a fault just read.  Raises RetryLater/Unmapped when the guest's
+        address space is changing (an event queued, unread): the caller reads the
+        events and calls :meth:`retry`."""
         page = self.page_of(f.address)
-        ps = self.ps
         self.c.add("faults")
-        if page is None:  # not guest RAM (any more): let the thread go on (it faults elsewhere)
-            self.c.add("faults_spurious")
-            self.uffd.wake(f.address & ~(self.psize - 1), self.psize)
+        if page is not None:
+            self.records.append((page, time.monotonic_ns(), f.ptid))
+        self.resolve(f, page)
+
+    def retry(self, f: Fault) -> None:
+        """A fault deferred by RetryLater/Unmapped, after the events were read."""
+        self.resolve(f, self.page_of(f.address))
+
+    def resolve(self, f: Fault, page: int | None) -> None:
+        ps, psize = self.ps, self.psize
+        if page is None:
+            # not a page of guest RAM: the tail an mremap grew (registered, new: zeros),
+            # or an address no longer registered (the thread faults elsewhere)
+            if not self.installer.install_zero_at(f.address, f.write):
+                self.c.add("faults_spurious")
+                self.uffd.wake(f.address & ~(psize - 1), psize)
             return
-        self.records.append((page, time.monotonic_ns(), f.ptid))
         st = ps.state[page]
         if st == PRESENT or st == DISCARDED:
             # PRESENT: an install raced our read (the kernel has the page: EEXIST, wake),
             # or the guest discarded it after its install (the kernel has none: zeros).
-            if not self.installer.install_discarded(page, f.write):
+            if not self.installer.install_discarded(page, f.write, wait=False):
                 self.c.add("faults_spurious")
-                self.uffd.wake(self.address(page), self.psize)
+                self.uffd.wake(self.address(page), psize)
         elif st == REQUESTED:
             return
         elif ps.words[ZERO_READY] and ps.zero[page]:
-            self.installer.install_zero(page, f.write)
+            if not self.installer.install_zero(page, f.write, wait=False):
+                self.uffd.wake(self.address(page), psize)  # installed by another meanwhile
         elif st == MISSING:
             n = ps.request_window(page, self.window)
             self.request(page, n)
             self._hint(page + n)
-        else:  # GONE: an address since reused by a mapping of its own
-            self.uffd.wake(f.address & ~(self.psize - 1), self.psize)
+        else:  # GONE (an address since reused by a mapping of its own) or DROPPING
+            self.uffd.wake(f.address & ~(psize - 1), psize)
 
     def page_of(self, address: int) -> int | None:
         """The guest page at ``address`` now, or None outside guest RAM."""
-        i = bisect.bisect_right(self._seg_starts, address) - 1
+        segs, starts = self._where  # one read: a remap on another thread replaces both at once
+        i = bisect.bisect_right(starts, address) - 1
         if i < 0:
             return None
-        start, end, first = self._segs[i]
+        start, end, first = segs[i]
         return first + (address - start) // self.psize if address < end else None
 
     def address(self, page: int) -> int:
@@ -162,7 +182,7 @@ class FaultHandler:
     def _runs(self, start: int, end: int) -> list[tuple[int, int, int]]:
         """[(first page, pages, address)] of guest RAM within [start, end)."""
         out = []
-        for s, e, first in self._segs:
+        for s, e, first in self._where[0]:
             lo, hi = max(s, start), min(e, end)
             if lo < hi:
                 ps = self.psize
@@ -186,8 +206,8 @@ class FaultHandler:
         ps.words[REMAPS] += 1
         self.c.add("remapped", moved)
         runs = ps.address_runs(0, ps.npages, self.base, psize)
-        self._segs = sorted((a, a + n * psize, p) for p, n, a in runs)
-        self._seg_starts = [s for s, _e, _p in self._segs]
+        segs = sorted((a, a + n * psize, p) for p, n, a in runs)
+        self._where = (segs, [s for s, _e, _p in segs])
 
 
 # remove: the guest's own discard (DISCARDED), or the drop of a stale pre-copied page the
@@ -227,8 +247,12 @@ class FaultThreads:
             self._ready.wait(timeout=10)
             stopfd, read, handle, apply = self._stopfd, self.uffd.read_messages, self.handler, self.handler.event
             gate, lanes = self.gate, self.lanes
+            # faults refused while the guest's address space changes (EAGAIN: an event is
+            # queued, unread): this thread reads the events next, then handles them again
+            deferred: list[Fault] = []
+            deferred_since = 0.0
             while True:
-                events = ep.poll()
+                events = ep.poll(DEFER_POLL_S if deferred else -1)
                 if any(fd == stopfd for fd, _ in events):
                     return
                 with gate.reading(lanes) if gate is not None else nullcontext():
@@ -239,8 +263,23 @@ class FaultThreads:
                             faults.append(m)
                         else:
                             apply(m)
+                again, deferred = deferred, []
+                for f in again:
+                    try:
+                        self.handler.retry(f)
+                    except (RetryLater, Unmapped):
+                        deferred.append(f)
                 for f in faults:
-                    handle(f)
+                    try:
+                        handle(f)
+                    except (RetryLater, Unmapped):
+                        deferred.append(f)
+                if not deferred:
+                    deferred_since = 0.0
+                elif not deferred_since:
+                    deferred_since = time.monotonic()
+                elif time.monotonic() - deferred_since > MAX_DEFER_S:
+                    raise RetryLater("faults refused for 10 s: the guest's address space never settled")
         except BaseException as exc:  # noqa: BLE001 - reported to the session, which ends the migration
             self.on_error(exc)
         finally:

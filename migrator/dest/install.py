@@ -26,7 +26,7 @@ import zstandard
 
 from migrator import policy
 from migrator.dest.gate import CHUNK_PAGES, Gate, wait_for_events
-from migrator.dest.pagestate import EVENTS, PRESENT, Counters, PageState
+from migrator.dest.pagestate import DISCARDED, EVENTS, PRESENT, Counters, PageState
 from migrator.errors import IntegrityError, PageExists, ProtocolError, RetryLater, Unmapped
 from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, FLAG_ZERO, VALID_FLAGS
 from migrator.uffd.fd import Userfaultfd
@@ -144,11 +144,16 @@ class Installer:
                 else:
                     kind = cflags
                 for value, i, j in policy.value_runs(kind):
-                    if value == FLAG_DATA:
-                        di = cflags.count(FLAG_DATA, 0, i)  # page i's index among the chunk's data pages
-                        acc[0] += self._copy_run(first + c0 + i, j - i, base_addr + di * ps)
-                    elif value == FLAG_ZERO:
-                        acc[1] += self._fill(first + c0 + i, j - i, self._zero_op)
+                    k = 0 if value == FLAG_DATA else 1
+                    try:
+                        if value == FLAG_DATA:
+                            di = cflags.count(FLAG_DATA, 0, i)  # page i's index among the chunk's data pages
+                            acc[0] += self._copy_run(first + c0 + i, j - i, base_addr + di * ps)
+                        elif value == FLAG_ZERO:
+                            acc[1] += self._fill(first + c0 + i, j - i, self._zero_op)
+                    except (RetryLater, Unmapped) as exc:
+                        acc[k] += getattr(exc, "taken", 0)  # installed before the refusal: counted once
+                        raise
 
             self._gated(chunk)
             acc[2] += dead[0]
@@ -162,13 +167,14 @@ class Installer:
         c.add("duplicates", max(0, n - flags.count(FLAG_OMITTED) - n_data - n_zero - acc[2]))
         return n_data + n_zero
 
-    def install_zero(self, page: int, write: bool) -> bool:
+    def install_zero(self, page: int, write: bool, wait: bool = True) -> bool:
         """Resolve a fault on a known-zero page here, without the network.
 
         A write fault gets a private zero page by UFFDIO_COPY (one fault); a
         read fault gets the shared zero page (cheaper now, one CoW fault later
         if the guest writes it).  False if another installer was first (or the
-        page is no longer to install).
+        page is no longer to install).  ``wait=False`` (a fault thread, which
+        reads the events itself): raises RetryLater/Unmapped instead of waiting.
         """
         done = [0]
 
@@ -178,29 +184,54 @@ class Installer:
             if write:
                 done[0] = self._copy_run(page, 1, self._zero_addr)
             else:
-                done[0] = self._fill(page, 1, self._zero_op)
+                done[0] = self._fill(page, 1, self._zero_op)  # one page: nothing taken if refused
 
-        self._gated(one)
+        self._gated(one, wait)
         self.c.add("installed", done[0])
         self.c.add("zero_pages", done[0])
         self.c.add("zero_local", done[0])
         return bool(done[0])
 
-    def install_discarded(self, page: int, write: bool) -> bool:
+    def install_discarded(self, page: int, write: bool, wait: bool = True) -> bool:
         """A fault on a page the guest discarded (or one present in our table but no
         longer in the guest's: zapped by a discard after its install): it reads as
         zeros, the kernel's promise for a discarded anonymous page.  Installs a zero
-        page if the kernel has none there; False if it has one (EEXIST: wake only)."""
-        addr = self.ps.address(page) or self.base + page * self.psize
+        page if the kernel has none there; False if it has one (EEXIST: wake only)
+        or the page is neither (``wait``: as for :meth:`install_zero`)."""
+        done = [False]
+
+        def one() -> None:
+            if self.ps.state[page] not in (PRESENT, DISCARDED):
+                return  # moved on meanwhile (e.g. dropped for a new copy): the caller wakes
+            addr = self.ps.address(page) or self.base + page * self.psize
+            try:
+                if write:
+                    self.uffd.copy_page(addr, self._zero_addr, self.psize)
+                else:
+                    self.uffd.zeropage(addr, self.psize)
+            except PageExists:
+                self.ps.state[page] = PRESENT
+                return
+            self.ps.mark_present(page, 1)
+            self.c.add("zero_local")
+            done[0] = True
+
+        self._gated(one, wait)
+        return done[0]
+
+    def install_zero_at(self, address: int, write: bool) -> bool:
+        """A fault at an address of registered memory that is no page of guest RAM (the
+        tail an mremap grew): new anonymous memory reads as zeros.  False if the
+        kernel has a page there or the range is not registered (wake only); raises
+        RetryLater while the address space is changing."""
+        dst = address & ~(self.psize - 1)
         try:
             if write:
-                self.uffd.copy_page(addr, self._zero_addr, self.psize)
+                self.uffd.copy_page(dst, self._zero_addr, self.psize)
             else:
-                self.uffd.zeropage(addr, self.psize)
-        except PageExists:
-            self.ps.state[page] = PRESENT
+                self.uffd.zeropage(dst, self.psize)
+        except (PageExists, Unmapped):
             return False
-        self.ps.mark_present(page, 1)
         self.c.add("zero_local")
         return True
 
@@ -214,21 +245,26 @@ class Installer:
                 mask = self.ps.not_present_mask(first + c0, c1 - c0)
                 for value, i, j in policy.value_runs(mask.replace(b"\xff", b"\x02")):
                     if value == 2:
-                        done[0] += self._fill(first + c0 + i, j - i, self._zero_op)
+                        try:
+                            done[0] += self._fill(first + c0 + i, j - i, self._zero_op)
+                        except (RetryLater, Unmapped) as exc:
+                            done[0] += getattr(exc, "taken", 0)
+                            raise
 
             self._gated(chunk)
         self.c.add("installed", done[0])
         self.c.add("zero_pages", done[0])
         return done[0]
 
-    def _gated(self, fn: Callable[[], None]) -> None:
+    def _gated(self, fn: Callable[[], None], wait: bool = True) -> None:
         """Run ``fn`` (a check of pages and the ioctls installing them) with this
-        installer's gate held.  When the kernel refuses before anything was installed
-        because the guest's address space is changing (EAGAIN: an event is queued) or
-        a range is not guest RAM any more (ENOENT: unmapped), let the gate go, wait
-        for the fault process to read the guest's events, and run ``fn`` again: it
-        checks the pages again (now discarded, unmapped or moved).  Raises the
-        kernel's error if it persists (``MAX_WAITS`` waits, ~10 s)."""
+        installer's gate held.  When the kernel refuses because the guest's address
+        space is changing (EAGAIN: an event is queued, unread) or a range is not
+        guest RAM any more (ENOENT: unmapped), let the gate go, wait until the fault
+        process has read the guest's events (``EVENTS`` moves), and run ``fn`` again:
+        it checks the pages again (now discarded, unmapped or moved).  Raises the
+        kernel's error if it persists (``MAX_WAITS`` waits, ~10 s), or at once with
+        ``wait=False``: a fault thread reads the events itself (``fault.py``)."""
         waits = 0
         while True:
             seen = self.ps.words[EVENTS]
@@ -240,7 +276,7 @@ class Installer:
                     err = exc
             waits += 1
             self.c.add("kernel_eagain")
-            if waits > MAX_WAITS:
+            if not wait or waits > MAX_WAITS:
                 raise err
             wait_for_events(self.ps.words, seen)
 
@@ -266,39 +302,44 @@ class Installer:
 
         EEXIST: the kernel stopped at a page that is already there: skip it.
         EAGAIN with progress: a run stopped early: go on from there.
-        EAGAIN or ENOENT without progress: raised (``_gated`` waits for the events).
+        EAGAIN or ENOENT without progress: raised, with ``taken`` (pages installed
+        before it) for the caller's counts (``_gated`` waits for the events).
         """
         psize = self.psize
         taken = 0
         off = 0  # bytes of the source run before this address run
-        for rpage, rcount, addr in self.ps.address_runs(page, count, self.base, psize):
-            length = rcount * psize
-            done = 0
-            mark_from = 0  # start (bytes) of the pages taken and not yet marked
-            try:
-                while done < length:
-                    try:
-                        got = op(addr + done, off + done, length - done)
-                        done += got
-                        taken += got
-                    except PageExists as exc:
-                        copied = getattr(exc, "copied", 0)
-                        taken += copied
-                        done += copied
-                        self._mark(rpage, mark_from, done)
-                        self.ps.state[rpage + done // psize] = PRESENT  # someone else's install (it may not have said so yet)
-                        done += psize
-                        mark_from = done
-                        self.c.add("kernel_eexist")
-                    except RetryLater as exc:
-                        copied = getattr(exc, "copied", 0)
-                        if not copied:
-                            raise
-                        done += copied
-                        taken += copied
-            finally:
-                self._mark(rpage, mark_from, done)
-            off += length
+        try:
+            for rpage, rcount, addr in self.ps.address_runs(page, count, self.base, psize):
+                length = rcount * psize
+                done = 0
+                mark_from = 0  # start (bytes) of the pages taken and not yet marked
+                try:
+                    while done < length:
+                        try:
+                            got = op(addr + done, off + done, length - done)
+                            done += got
+                            taken += got
+                        except PageExists as exc:
+                            copied = getattr(exc, "copied", 0)
+                            taken += copied
+                            done += copied
+                            self._mark(rpage, mark_from, done)
+                            self.ps.state[rpage + done // psize] = PRESENT  # someone else's install (it may not have said so yet)
+                            done += psize
+                            mark_from = done
+                            self.c.add("kernel_eexist")
+                        except RetryLater as exc:
+                            copied = getattr(exc, "copied", 0)
+                            if not copied:
+                                raise
+                            done += copied
+                            taken += copied
+                finally:
+                    self._mark(rpage, mark_from, done)
+                off += length
+        except (RetryLater, Unmapped) as exc:
+            setattr(exc, "taken", taken // psize)  # noqa: B010 - read by the callers (getattr)
+            raise
         return taken // psize
 
     def _mark(self, page: int, start: int, end: int) -> None:
