@@ -27,7 +27,7 @@ import time
 from typing import Any
 
 from guest_sim.ram import GuestRam
-from guest_sim.vcpu import PauseControl, Vcpu, VcpuConfig, VcpuState, load_blob, state_blob
+from guest_sim.vcpu import TRACE_EVERY, PauseControl, Vcpu, VcpuConfig, VcpuState, load_blob, state_blob
 
 EXIT_NO_UFFD = 3
 EXIT_MONITOR_GONE = 70
@@ -67,6 +67,7 @@ class Guest:
         return {"ok": True, "paused_ns": t, "state": state_blob(self.cfg, self.states)}
 
     def cmd_resume(self, msg: dict[str, Any]) -> dict[str, Any]:
+        t_mono = time.monotonic_ns()  # before any vCPU runs: "first access" is measured from here
         if "state" in msg and msg["state"] is not None:
             if self.vcpus:
                 return {"ok": False, "error": "cannot load vCPU state into running vCPUs"}
@@ -77,7 +78,7 @@ class Guest:
             self.ctl.resume()
         else:
             self.start_vcpus()
-        return {"ok": True, "resumed_ns": time.time_ns(), "tids": [v.tid for v in self.vcpus]}
+        return {"ok": True, "resumed_ns": time.time_ns(), "mono_ns": t_mono, "tids": [v.tid for v in self.vcpus]}
 
     def cmd_stats(self, _msg: dict[str, Any]) -> dict[str, Any]:
         per = []
@@ -95,6 +96,8 @@ class Guest:
                     "hist": s.hist,
                     "errors": s.errors,
                     "first_errors": s.first_errors,
+                    "first_op_ns": s.first_op_ns,
+                    **({"trace": s.trace[:], "trace_every": TRACE_EVERY} if _msg.get("trace") else {}),
                 }
             )
         return {"ok": True, "mono_ns": time.monotonic_ns(), "vcpus": per, "paused": self.ctl.pause_req}

@@ -66,3 +66,8 @@ class DestConfig:
     secret: str | None = field(default_factory=lambda: os.environ.get(ENV_SECRET) or None, repr=False)
     reconnect_deadline: float = 300.0  # seconds to wait for a lost source before giving up
     tls: TlsFiles = TlsFiles()
+    # restores (dest/workingset.py): a recorded working set fetched first, "before" or "while" the
+    # guest runs; eager: every page installed before the resume
+    replay_ws: str | None = None
+    replay_mode: str = "before"
+    eager: bool = False

@@ -108,9 +108,18 @@ class _Bulk:
 
 
 class ImagePageSource:
-    """A worker's page source: the image file at ``path``."""
+    """A worker's page source: the image file at ``path``, or the snapshot image
+    folder ``image`` (``snapshot/image.py``: its holes are never read, every page
+    read is checked against its checksum)."""
 
-    def __init__(self, path: str, page_size: int) -> None:
+    def __init__(self, path: str, page_size: int, image: str | None = None) -> None:
+        self.reader: Any
+        if image:
+            from migrator.snapshot.image import CheckedReader, open_image
+
+            img = open_image(image)
+            self.reader, self.npages, self.untouched = CheckedReader(img), img.npages, img.holes
+            return
         self.reader = _FileReader(path, page_size)
         self.npages = os.fstat(self.reader.fd).st_size // page_size
         self.untouched = bytes(self.npages)  # every page is read (zero ones travel as flags)
@@ -175,7 +184,7 @@ class LocalControl:
 def open_page_source(spec: dict[str, Any]) -> Any:
     """A worker's page source from its configuration: gRPC (``address``) or an image (``path``)."""
     if spec.get("kind") == "image":
-        return ImagePageSource(spec["path"], int(spec["page_size"]))
+        return ImagePageSource(spec["path"], int(spec["page_size"]), spec.get("image"))
     from migrator.dest.source_client import GrpcPageSource
     from migrator.security import TlsFiles
 

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from migrator.config import DestConfig
+from migrator.dest import workingset
 from migrator.dest.crew import Crew, event_error
 from migrator.dest.pagestate import EPOCH, PageState
 from migrator.dest.priority import deprioritize, restore_priority
@@ -98,6 +99,8 @@ class Outcome:
     tids: list[int] = field(default_factory=list)
     reconnects: int = 0
     release: "Release | None" = None
+    resumed_mono_ns: int = 0  # the guest's CLOCK_MONOTONIC at its resume
+    touched: list[tuple[int, int]] = field(default_factory=list)  # (page, monotonic ns) first faults, in order
 
 
 def _is_loopback(address: str) -> bool:
@@ -175,14 +178,16 @@ class DestinationSession:
             self._retrying("switch-over", ctl.switchover)
             switched = True
             crew.fault.wait(urgent, 10)  # no fault waits for the urgent stream to open
+            lanes_started = workingset.before_resume(cfg, crew, ps, manifest.epoch, self._check)  # replay, eager
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio)
             resumed = True
             self._lanes_due = time.monotonic() + cfg.prefetch_delay  # (held back only to measure an idle bulk)
-            if cfg.prefetch_delay <= 0:
+            if cfg.prefetch_delay <= 0 and not lanes_started:
                 crew.start_lanes(manifest.epoch)
                 self._lanes_due = 0.0
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.tids = list(reply.get("tids", []))
+            out.resumed_mono_ns = int(reply.get("mono_ns", 0))
             log.debug("handshake->resume %.1f ms", (out.resumed_ns - t_hs) / 1e6)
             self._wait_all_present(out, on_progress)
             out.done_ns = time.time_ns()
@@ -366,6 +371,7 @@ class DestinationSession:
             st.fault_latency_ns.append(lat)
             st.fault_done_ns.append(done)
             st.blocked_ns_by_tid[tid] = st.blocked_ns_by_tid.get(tid, 0) + lat
+        out.touched = [(int(p), int(t)) for p, t in reports.get(crew.fault.name, {}).get("touched", [])]
         for name, rep in reports.items():
             st.timeline.extend((tm, kind, n, 0) for tm, kind, n in rep.get("timeline", []))
         bulk = [tm for tm, kind, _n, _ in st.timeline if kind == "prefetch"]

@@ -80,7 +80,7 @@ class SourceSession:
         self._lock = threading.Lock()
         # opened now, before any pause: nothing can fail for want of it between
         # the pause and "paused" (e.g. a process out of file descriptors)
-        self._reader = RamReader(h.pid, h.addr, h.size, h.page_size)
+        self._reader = self._open_reader()
         self.shared = sh.create(self.npages)
         self._manifest: pb.Manifest | None = None
         self.workers: list[Worker] = []
@@ -91,6 +91,11 @@ class SourceSession:
         self._lost_reported = False
         self._rate = _RateSampler(guest)
         self.paused_ns = 0
+
+    def _open_reader(self) -> RamReader:
+        """The guest's pagemap (which pages were never touched) and its RAM's descriptor."""
+        h = self.guest.hello
+        return RamReader(h.pid, h.addr, h.size, h.page_size)
 
     @property
     def phase(self) -> str:

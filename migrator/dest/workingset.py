@@ -1,0 +1,148 @@
+"""Working sets, the REAP way: record which pages a restored guest touches first, and in
+what order; on the next restore of the same image, fetch that set first.
+
+Recording (``--record-ws``): the fault process keeps every fault it reads
+(page, time); the first fault on each page is its first touch.  For the set
+to be complete the guest must fault on every page it touches: the demand
+window is one page and the bulk lanes are held back for the recording window
+(``restore.py`` sets both), so nothing arrives before the guest asks for it.
+
+Replaying (``--replay-ws``): the fault process marks the set's pages
+REQUESTED and asks for them on the urgent channel in runs of consecutive
+pages (one request per run, at most MAX_DEMAND_PAGES): in recorded order
+while the guest runs, in page order before it does (fewer, longer runs, which
+may take a few pages between two of the set's: one request costs as much as
+several pages); the
+bulk lanes then bring the rest.  ``before``: the guest resumes only once
+every page of the set is installed (REAP's prefetch); ``while``: at once,
+with the set's requests queued ahead of its first faults.  The source of the
+pages does not matter: a local image or a `migrator serve` / `migrator
+source` over gRPC.
+
+Eager (the baseline): every page installed by the lanes before the resume.
+
+File format: JSON ``{"format": "migrator-ws", "version": 1, "image", "npages",
+"page_size", "window_s", "pages": [first-touch order]}``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+from migrator.dest.pagestate import MISSING, PRESENT, REQUESTED, ZERO_READY, PageState
+from migrator.errors import ImageError, MigratorError
+
+FORMAT, VERSION = "migrator-ws", 1
+GAP_PAGES = 4  # before the resume, a request also takes up to 4 pages between two of the set's
+
+
+def first_touches(records: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """(page, monotonic ns) of the first fault on each page, in order, from the fault records."""
+    seen: dict[int, int] = {}
+    for page, t, _tid in records:
+        seen.setdefault(page, t)
+    return list(seen.items())
+
+
+def request_runs(pages: list[int], limit: int, gap: int = 0) -> list[tuple[int, int]]:
+    """``pages`` in their order as (first, count) runs of at most ``limit`` pages; a run
+    also takes up to ``gap`` pages between two of them (one request is worth a few pages)."""
+    out: list[tuple[int, int]] = []
+    for p in pages:
+        if out:
+            first, count = out[-1]
+            end = first + count
+            if end <= p <= end + gap and p - first < limit:
+                out[-1] = (first, p - first + 1)
+                continue
+        out.append((p, 1))
+    return out
+
+
+def save(path: str, pages: list[int], *, image: str, npages: int, page_size: int, window_s: float) -> None:
+    data = {"format": FORMAT, "version": VERSION, "image": image, "npages": npages, "page_size": page_size,
+            "window_s": window_s, "pages": pages}  # fmt: skip
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def load(path: str, *, image: str, npages: int, page_size: int) -> list[int]:
+    """The pages of the working set at ``path``, checked against the image it is replayed on.
+
+    Raises ImageError (missing, unreadable, or recorded on another image).
+    """
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ImageError("working-set file not found", path=path) from None
+    except (OSError, ValueError) as exc:
+        raise ImageError(f"cannot read the working-set file: {exc}", path=path) from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT or data.get("version") != VERSION:
+        raise ImageError("not a working-set file", path=path)
+    if image and data.get("image") and data["image"] != image:
+        raise ImageError(f"working set recorded on another image ({data['image']}, this one is {image})", path=path)
+    if data.get("npages") != npages or data.get("page_size") != page_size:
+        raise ImageError("working set recorded for another RAM size", path=path, npages=data.get("npages"))
+    pages = data.get("pages")
+    if not isinstance(pages, list) or not all(isinstance(p, int) and 0 <= p < npages for p in pages):
+        raise ImageError("corrupt working-set file: pages outside guest RAM", path=path)
+    return pages
+
+
+# -- in the fault process ------------------------------------------------------------------
+def replay(ps: PageState, request: Callable[[int, int], None], pages: list[int], limit: int,
+           wait_s: float) -> dict[str, Any]:  # fmt: skip
+    """Ask for ``pages`` (recorded order) on the urgent channel; with ``wait_s`` > 0, return
+    once every one is installed.  Fault process only (it alone moves pages to REQUESTED)."""
+    st, zero = ps.state, ps.zero
+    asked = 0
+    # before the resume the order does not matter: in page order, runs are long (few requests)
+    order, gap = (sorted(set(pages)), GAP_PAGES) if wait_s > 0 else (pages, 0)
+    for first, count in request_runs(order, limit, gap):
+        i = first
+        end = first + count
+        while i < end:  # sub-runs of pages still missing (a fault may have asked for some)
+            if st[i] != MISSING or (ps.words[ZERO_READY] and zero[i]):
+                i += 1
+                continue
+            j = i
+            while j < end and st[j] == MISSING:
+                st[j] = REQUESTED
+                j += 1
+            request(i, j - i)
+            asked += j - i
+            i = j
+    if wait_s > 0:
+        deadline = time.monotonic() + wait_s
+        for p in pages:
+            while st[p] != PRESENT:
+                if time.monotonic() > deadline:
+                    raise MigratorError(f"the working set was not installed within {wait_s:g} s", page=p)
+                time.sleep(0.0005)
+    return {"asked": asked}
+
+
+# -- in the session ------------------------------------------------------------------------
+def before_resume(cfg: Any, crew: Any, ps: PageState, epoch: int, check: Callable[[], None]) -> bool:
+    """What must be in place before the guest resumes; True if the lanes were started here."""
+    if cfg.replay_ws:
+        wait = 600.0 if cfg.replay_mode == "before" else 0.0
+        crew.fault.call("replay", timeout=wait + 10, path=cfg.replay_ws, wait_s=wait)
+    if not cfg.eager:
+        return False
+    crew.start_lanes(epoch)
+    while ps.total("installed", crew.nslots) < ps.npages:
+        name, ev = crew.next_event(0.01)
+        if ev.get("event") in ("fatal", "exited"):
+            from migrator.dest.crew import event_error
+
+            raise event_error(name, ev)
+        check()
+    return True
