@@ -498,7 +498,7 @@ def check() -> None:
 
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms", "all"]))
+@click.argument("scenario", type=click.Choice(["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms", "restore", "all"]))
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True, help="Runs per configuration (medians are reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True, help="Where JSON (and PNG) results go.")
 @click.option("--ram", type=SIZE, default=None, help="Guest RAM for the migration scenarios (default: the scenario's own).")
@@ -511,8 +511,10 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
     wakeups        fault storm: blocking read() vs EPOLLEXCLUSIVE, 1/2/4 fault threads
     bulk           bulk-stream throughput with compression none / zstd / auto
     grpc-forms     the transport alone: sync unary / sync stream / asyncio stream, 1 or 2 bulk streams
+    restore        snapshot once; restore lazily, replaying a working set (before / while), eagerly
     """
     from migrator.bench.grpc_forms import grpc_forms
+    from migrator.bench.restore import restore_bench
     from migrator.bench.scenarios import SCENARIOS
     from migrator.bench.wakeups import wakeups
     from migrator.probe import probe
@@ -524,11 +526,11 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None) -> None:
         os.makedirs(out_dir, exist_ok=True)
     except OSError as exc:
         raise click.BadParameter(f"cannot create {out_dir}: {exc.strerror}", param_hint="--out") from None
-    names = ["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms"] if scenario == "all" else [scenario]
+    names = ["migrate-1g", "fault-latency", "wakeups", "bulk", "grpc-forms", "restore"] if scenario == "all" else [scenario]
     for name in names:
         click.echo(f"{name} ({runs} runs):", err=True)
-        fn = {"wakeups": wakeups, "grpc-forms": grpc_forms}.get(name) or SCENARIOS[name]
-        kwargs = {"ram": ram} if ram and name in SCENARIOS else {}
+        fn = {"wakeups": wakeups, "grpc-forms": grpc_forms, "restore": restore_bench}.get(name) or SCENARIOS[name]
+        kwargs = {"ram": ram} if ram and (name in SCENARIOS or name == "restore") else {}
         try:
             res = fn(runs, out_dir, lambda m: click.echo(m, err=True), **kwargs)
         except MigratorError as exc:

@@ -244,6 +244,10 @@ def test_steady_state() -> None:
     fast = [300 * ms + i * ms for i in range(700)]
     assert steady_state_ms([slow + fast], 0, 300 * ms) == 300.0
     assert steady_state_ms([[i * ms for i in range(1000)]], 0, 0) == 0.0
+    # paced at 32,000 ops/s (a mark per ms): 40 ms behind after a 40 ms stall at 100 ms, caught up at 2x speed by 180 ms
+    paced = [k * ms for k in range(1, 101)] + [140 * ms + k * ms // 2 for k in range(1, 81)] + [180 * ms + k * ms for k in range(1, 100)]
+    assert 170 <= steady_state_ms([paced], 0, 0, rate=32000, every=32) <= 180
+    assert steady_state_ms([[k * ms for k in range(1, 300)]], 0, 0, rate=32000, every=32) == 0.0
 
 
 @pytest.mark.parametrize("cmd", ["snapshot", "restore", "serve"])

@@ -132,9 +132,10 @@ def replay(ps: PageState, request: Callable[[int, int], None], pages: list[int],
 # -- in the session ------------------------------------------------------------------------
 def before_resume(cfg: Any, crew: Any, ps: PageState, epoch: int, check: Callable[[], None]) -> bool:
     """What must be in place before the guest resumes; True if the lanes were started here."""
-    if cfg.replay_ws:
-        wait = 600.0 if cfg.replay_mode == "before" else 0.0
-        crew.fault.call("replay", timeout=wait + 10, path=cfg.replay_ws, wait_s=wait)
+    if cfg.replay_ws and cfg.replay_mode == "before":
+        crew.fault.call("replay", timeout=610, path=cfg.replay_ws, wait_s=600.0)
+    elif cfg.replay_ws:  # while: the guest resumes as the fault process queues the set's requests
+        crew.fault.send("replay", path=cfg.replay_ws, wait_s=0.0)
     if not cfg.eager:
         return False
     crew.start_lanes(epoch)

@@ -141,7 +141,10 @@ def open_image(path: str) -> Image:
         raise ImageError(f"corrupt image: {MANIFEST} lacks a valid {exc}") from None
     if page_size < 512 or page_size & (page_size - 1) or npages <= 0 or ram_size != npages * page_size:
         raise ImageError("corrupt image: inconsistent sizes in the manifest", page_size=page_size, npages=npages, ram_size=ram_size)
-    ram_path = os.path.join(path, str(m.get("ram", RAM)))
+    ram_name = str(m.get("ram", RAM))
+    if os.path.basename(ram_name) != ram_name or ram_name in ("", ".", ".."):
+        raise ImageError("corrupt image: the manifest's RAM file must be a file of the image folder", ram=ram_name)
+    ram_path = os.path.join(path, ram_name)
     fd, size = open_sized(ram_path, "the image's RAM file")
     try:
         if size != ram_size:
