@@ -236,9 +236,47 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
     return f
 
 
+def ws_options(f: Any) -> Any:
+    """Working sets (``dest/workingset.py``), for restores and migrations alike."""
+    opts = [
+        click.option("--record-ws", type=click.Path(dir_okay=False), default=None,
+                     help="Record the pages the guest touches first, in order, to this file (lanes held back --ws-seconds)."),
+        click.option("--ws-seconds", type=click.FloatRange(0.1, 600), default=2.0, show_default=True, help="The recording window."),
+        click.option("--replay-ws", type=click.Path(dir_okay=False), default=None, help="Fetch this recorded working set first."),
+        click.option("--replay-mode", type=click.Choice(["before", "while"]), default="before", show_default=True,
+                     help="Resume the guest once the working set is in (before) or at once (while)."),
+    ]  # fmt: skip
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _ws(kw: dict[str, Any], eager: bool = False) -> tuple[str | None, float]:
+    """Check the working-set options; move the replay ones into ``kw`` (DestConfig's), and
+    for a recording set the demand window to one page and hold the lanes back.
+    Returns (record path, window)."""
+    record, seconds = kw.pop("record_ws"), kw.pop("ws_seconds")
+    if record and (kw["replay_ws"] or eager):
+        raise click.UsageError("--record-ws records a lazy restore: not with --replay-ws or --eager")
+    if eager and kw["replay_ws"]:
+        raise click.UsageError("--eager copies everything first: a working set adds nothing")
+    _writable(record, "--record-ws")
+    if kw["replay_ws"]:
+        from migrator.dest import workingset
+
+        try:
+            workingset.load(kw["replay_ws"], image="", npages=None, page_size=None)
+        except MigratorError as exc:
+            _fail(exc)
+    if record:
+        kw.update(demand_window=1, prefetch_delay=seconds)
+    return record, seconds
+
+
 @main.command()
 @click.option("--source", "source_addr", default="127.0.0.1:7000", show_default=True, help="The source's page server.")
 @dest_options
+@ws_options
 @click.option("--run-for", type=float, default=None, help="Seconds to keep the guest running after the last page (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--check", is_flag=True, help="Only probe whether userfaultfd works here, then exit (0 = yes, 3 = no).")
@@ -258,8 +296,9 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
         sys.exit(0 if result.ok else 3)
     if not result.ok:
         _fail(result.error())
-    from migrator.runner import run_destination
+    from migrator.runner import run_destination_outcome
 
+    record_ws, ws_seconds = _ws(kw)
     tls = _tls(kw)
     sig = _signals()  # from the start: a SIGUSR1 before the next hop serves is only noted
     # everything that can fail on its own fails now, before the source pauses its guest
@@ -277,12 +316,12 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
         cfg = DestConfig(**{**cfg.__dict__, "run_for": 0.0})  # the guest runs on while it waits for the next hop
     stop = sig.stop
     try:
-        if listen:
-            from migrator.runner import run_destination_outcome
+        summary, out = run_destination_outcome(cfg, stop, plot, keep_guest=bool(listen))
+        if record_ws:
+            from migrator.dest import workingset
 
-            summary, out = run_destination_outcome(cfg, stop, plot, keep_guest=True)
-        else:
-            summary = run_destination(cfg, stop, plot)
+            n = workingset.save_recorded(record_ws, out, ws_seconds, image="")
+            click.echo(f"working set: {n} pages recorded to {record_ws}", err=True)
     except MigratorError as exc:
         _fail(exc)
     click.echo(summary.to_json() if as_json else summary.to_text())
@@ -418,17 +457,12 @@ def snapshot(source_addr: str | None, raw: str | None, page_size: int, to: str, 
 @dest_options
 @click.option("--run-for", type=float, default=1.0, show_default=True, help="Seconds the guest runs after the last page.")
 @click.option("--eager", is_flag=True, help="Copy every page before the guest resumes (the baseline).")
-@click.option("--record-ws", type=click.Path(dir_okay=False), default=None,
-              help="Record the pages the guest touches first, in order, to this file (lanes held back --ws-seconds).")
-@click.option("--ws-seconds", type=click.FloatRange(0.1, 600), default=2.0, show_default=True, help="The recording window.")
-@click.option("--replay-ws", type=click.Path(dir_okay=False), default=None, help="Fetch this recorded working set first.")
-@click.option("--replay-mode", type=click.Choice(["before", "while"]), default="before", show_default=True,
-              help="Resume the guest once the working set is in (before) or at once (while).")
+@ws_options
 @click.option("--verify-image", is_flag=True, help="Check every page's checksum before the guest starts.")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No live progress.")
-def restore(image: str, run_for: float, eager: bool, record_ws: str | None, ws_seconds: float, replay_ws: str | None,
-            replay_mode: str, verify_image: bool, as_json: bool, quiet: bool, no_verify: bool, **kw: Any) -> None:  # fmt: skip
+def restore(image: str, run_for: float, eager: bool, verify_image: bool, as_json: bool, quiet: bool, no_verify: bool,
+            **kw: Any) -> None:  # fmt: skip
     """Start the guest of an image at once, with empty RAM: its pages are read from the image
     as it touches them (userfaultfd) and prefetched in the background."""
     from migrator.probe import probe
@@ -436,17 +470,12 @@ def restore(image: str, run_for: float, eager: bool, record_ws: str | None, ws_s
     from migrator.snapshot.restore import RestoreOptions
     from migrator.snapshot.restore import restore as do_restore
 
-    if record_ws and (replay_ws or eager):
-        raise click.UsageError("--record-ws records a lazy restore: not with --replay-ws or --eager")
-    if eager and replay_ws:
-        raise click.UsageError("--eager copies everything first: a working set adds nothing")
-    _writable(record_ws, "--record-ws")
+    record_ws, ws_seconds = _ws(kw, eager)
     result = probe()
     if not result.ok:
         _fail(result.error())
     write_ratio = kw.pop("write_ratio")
-    cfg = DestConfig(progress=not quiet, verify=not no_verify, run_for=run_for, eager=eager, replay_ws=replay_ws,
-                     replay_mode=replay_mode, **kw)  # fmt: skip
+    cfg = DestConfig(progress=not quiet, verify=not no_verify, run_for=run_for, eager=eager, **kw)
     opts = RestoreOptions(image=image, run_for=run_for, record_ws=record_ws, ws_seconds=ws_seconds,
                           verify_image=verify_image, write_ratio=write_ratio)  # fmt: skip
     show = ProgressLine(not quiet)

@@ -198,21 +198,29 @@ def test_replayed_working_set_cuts_faults(tmp_path: Path) -> None:
 
 
 def test_serve_an_image_to_migrator_dest(tmp_path: Path) -> None:
-    """`migrator serve DIR` + the existing `migrator dest`: a restore over gRPC."""
+    """`migrator serve DIR` + the existing `migrator dest`: restores over gRPC, one after another;
+    a working set recorded by one destination and replayed by the next (REAP over gRPC)."""
     require_userfaultfd()
-    with procs.running_source(tmp_path, "16MiB") as (_src, info):
+    with procs.running_source(tmp_path, "16MiB", "--workload", "hotset", "--rate", "10000") as (_src, info):
         _snapshot(tmp_path, info["address"], tmp_path / "img")
-    ready = tmp_path / "serve.json"
-    args = [*procs.MIGRATOR, "serve", str(tmp_path / "img"), "--listen", "127.0.0.1:0", "--ready-file", str(ready), "--once"]
+    ready, ws = tmp_path / "serve.json", str(tmp_path / "ws.json")
+    args = [*procs.MIGRATOR, "serve", str(tmp_path / "img"), "--listen", "127.0.0.1:0", "--ready-file", str(ready)]
     with procs.command(args, tmp_path, "serve") as srv:
         info = procs.wait_ready(srv, ready)
-        dest = procs.run([*procs.MIGRATOR, "dest", "--source", info["address"], "--run-for", "0.3", "--json", "--quiet"],
-                         timeout=60)  # fmt: skip
-        assert dest.returncode == 0, dest.stderr
-        s = json.loads(dest.stdout)
-        assert s["ok"] and s["verified_pages"] == 4096 and s["pages_demand"] + s["pages_prefetch"] + s["pages_zero"] == 4096
+        dest = [*procs.MIGRATOR, "dest", "--source", info["address"], "--run-for", "0.3", "--json", "--quiet"]
+        runs = []
+        for extra in (["--record-ws", ws, "--ws-seconds", "1"], ["--replay-ws", ws]):
+            res = procs.run([*dest, *extra], timeout=60)
+            assert res.returncode == 0, res.stderr
+            s = json.loads(res.stdout)
+            assert s["ok"] and s["verified_pages"] == 4096 and s["pages_demand"] + s["pages_prefetch"] + s["pages_zero"] == 4096
+            runs.append(s)
+        recorded = len(json.loads(Path(ws).read_text())["pages"])
+        assert recorded > 50 and runs[0]["faults"] >= recorded
+        assert runs[1]["faults"] <= 0.1 * recorded, (runs[1]["faults"], recorded)
+        srv.signal(15)
         assert srv.wait(timeout=30) == 0, srv.stderr()
-        assert "1 restore(s) served" in srv.stdout()
+        assert "2 restore(s) served" in srv.stdout()
 
 
 # -- pure functions ---------------------------------------------------------------------------

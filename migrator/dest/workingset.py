@@ -72,8 +72,19 @@ def save(path: str, pages: list[int], *, image: str, npages: int, page_size: int
     os.replace(tmp, path)
 
 
-def load(path: str, *, image: str, npages: int, page_size: int) -> list[int]:
-    """The pages of the working set at ``path``, checked against the image it is replayed on.
+def save_recorded(path: str, out: Any, window_s: float, *, image: str) -> int:
+    """Save the pages a destination's guest touched first within ``window_s`` of its resume
+    (``out``: the session's Outcome); returns how many."""
+    until = out.resumed_mono_ns + int(window_s * 1e9)
+    pages = [p for p, t in out.touched if t <= until]
+    m = out.manifest
+    save(path, pages, image=image, npages=m.ram_size // m.page_size, page_size=m.page_size, window_s=window_s)
+    return len(pages)
+
+
+def load(path: str, *, image: str, npages: int | None, page_size: int | None) -> list[int]:
+    """The pages of the working set at ``path``, checked against the image it is replayed on
+    (``npages`` None: only the file itself, before the image is known).
 
     Raises ImageError (missing, unreadable, or recorded on another image).
     """
@@ -88,10 +99,10 @@ def load(path: str, *, image: str, npages: int, page_size: int) -> list[int]:
         raise ImageError("not a working-set file", path=path)
     if image and data.get("image") and data["image"] != image:
         raise ImageError(f"working set recorded on another image ({data['image']}, this one is {image})", path=path)
-    if data.get("npages") != npages or data.get("page_size") != page_size:
+    if npages is not None and (data.get("npages") != npages or data.get("page_size") != page_size):
         raise ImageError("working set recorded for another RAM size", path=path, npages=data.get("npages"))
-    pages = data.get("pages")
-    if not isinstance(pages, list) or not all(isinstance(p, int) and 0 <= p < npages for p in pages):
+    pages, limit = data.get("pages"), data.get("npages")
+    if not isinstance(pages, list) or not isinstance(limit, int) or not all(isinstance(p, int) and 0 <= p < limit for p in pages):
         raise ImageError("corrupt working-set file: pages outside guest RAM", path=path)
     return pages
 

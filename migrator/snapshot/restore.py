@@ -167,11 +167,7 @@ def restore(opts: RestoreOptions, cfg: DestConfig, stop: threading.Event,
     finally:
         session.close()
     if opts.record_ws:
-        until = out.resumed_mono_ns + int(opts.ws_seconds * 1e9)
-        pages = [p for p, t in out.touched if t <= until]
-        workingset.save(opts.record_ws, pages, image=image.id, npages=image.npages, page_size=image.page_size,
-                        window_s=opts.ws_seconds)  # fmt: skip
-        ws_pages = len(pages)
+        ws_pages = workingset.save_recorded(opts.record_ws, out, opts.ws_seconds, image=image.id)
     summary = build_summary(out)
     firsts = [v["first_op_ns"] for v in trace if v.get("first_op_ns")]
     done_mono = out.resumed_mono_ns + (out.done_ns - out.resumed_ns)
