@@ -176,7 +176,11 @@ def test_corrupt_page_caught(tmp_path: Path) -> None:
 
 def test_replayed_working_set_cuts_faults(tmp_path: Path) -> None:
     """REAP on a repeated workload (hotset, the same vCPU state each restore): recording once,
-    then prefetching that set before the resume, cuts the guest's faults by at least 90 %."""
+    then prefetching that set before the resume, cuts the guest's faults by at least 90 %.
+
+    The lanes are held back for the first second in both restores (REAP's baseline is a lazy
+    restore without a background copy; with one, how many faults it saves depends on how
+    fast the copy runs, not on the working set)."""
     require_userfaultfd()
     with procs.running_source(tmp_path, "32MiB", "--workload", "hotset", "--rate", "20000") as (_src, info):
         _snapshot(tmp_path, info["address"], tmp_path / "img")
@@ -186,12 +190,12 @@ def test_replayed_working_set_cuts_faults(tmp_path: Path) -> None:
         opts = RestoreOptions(image=img, run_for=0.3, record_ws=ws if record else None, ws_seconds=2.0)
         return restore(opts, DestConfig(progress=False, **kw), threading.Event())  # type: ignore[arg-type]
 
-    lazy = run()
+    lazy = run(prefetch_delay=1.0)
     recorded = run(record=True)
-    replayed = run(replay_ws=ws)
+    replayed = run(replay_ws=ws, prefetch_delay=1.0)
     assert recorded.ws_pages > 100, recorded.to_text()  # type: ignore[attr-defined]
     faults = lazy.summary.faults, replayed.summary.faults  # type: ignore[attr-defined]
-    assert faults[0] >= 50, lazy.to_text()  # type: ignore[attr-defined]
+    assert faults[0] >= 200, lazy.to_text()  # type: ignore[attr-defined]
     assert faults[1] <= 0.1 * faults[0], f"lazy {faults[0]} faults, replayed {faults[1]}"
     for r in (lazy, recorded, replayed):
         assert r.ok and r.summary.verified_pages == 8192, r.to_text()  # type: ignore[attr-defined]

@@ -220,7 +220,7 @@ class DestinationSession:
         offsets = list(desc.lane_port_offsets)
         local = getattr(self.control, "worker_source", None)  # an image: every worker reads the file
         if local is not None:
-            source: dict[str, Any] = local()
+            source: dict[str, Any] = local(ps.fd)  # (the page state: a local source skips what is here)
             urgent, lane_addrs = "", [""] * lanes
         else:
             tls = cfg.tls

@@ -52,8 +52,8 @@ class ImageControl(LocalControl):
         super().__init__(image.ram_path, image.page_size, vcpu_state, vcpus)
         self.image = image
 
-    def worker_source(self) -> dict[str, Any]:
-        return {**super().worker_source(), "image": self.image.path}
+    def worker_source(self, state_fd: int = -1) -> dict[str, Any]:
+        return {**super().worker_source(state_fd), "image": self.image.path}
 
 
 @dataclass(frozen=True)
