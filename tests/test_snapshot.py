@@ -20,7 +20,7 @@ import pytest
 from helpers import procmem, procs
 from migrator.config import DestConfig
 from migrator.dest.session import Outcome
-from migrator.dest.workingset import first_touches, request_runs
+from migrator.dest.workingset import first_touches, replay_runs, request_runs
 from migrator.snapshot.image import MANIFEST, RAM, SUMS, holes_map, open_image
 from migrator.snapshot.restore import RestoreOptions, restore, steady_state_ms
 from tests.conftest import require_userfaultfd
@@ -247,6 +247,9 @@ def test_working_set_policy() -> None:
     assert request_runs([3, 4, 5, 9, 10, 2], limit=256) == [(3, 3), (9, 2), (2, 1)]
     assert request_runs([1, 2, 3, 4], limit=2) == [(1, 2), (3, 2)]
     assert request_runs([1, 4, 20], limit=256, gap=4) == [(1, 4), (20, 1)]
+    assert replay_runs([9, 1, 2, 30], 256, before=True) == [(1, 2), (9, 1), (30, 1)]
+    late = list(range(1000, 1512))  # a second chunk, touched later: requested after the first
+    assert replay_runs(late + list(range(600, 88, -1)), 256, before=False) == [(1000, 256), (1256, 256), (89, 256), (345, 256)]
 
 
 def test_steady_state() -> None:

@@ -9,10 +9,10 @@ window is one page and the bulk lanes are held back for the recording window
 
 Replaying (``--replay-ws``): the fault process marks the set's pages
 REQUESTED and asks for them on the urgent channel in runs of consecutive
-pages (one request per run, at most MAX_DEMAND_PAGES): in recorded order
-while the guest runs, in page order before it does (fewer, longer runs, which
-may take a few pages between two of the set's: one request costs as much as
-several pages); the
+pages (one request per run, at most MAX_DEMAND_PAGES; a run may take a few
+pages between two of the set's: one request costs as much as several pages):
+in page order before the guest runs; while it runs, the earliest-touched
+pages first, in chunks each in page order (:func:`replay_runs`); the
 bulk lanes then bring the rest.  ``before``: the guest resumes only once
 every page of the set is installed (REAP's prefetch); ``while``: at once,
 with the set's requests queued ahead of its first faults.  The source of the
@@ -37,7 +37,8 @@ from migrator.dest.pagestate import MISSING, PRESENT, REQUESTED, ZERO_READY, Pag
 from migrator.errors import ImageError, MigratorError
 
 FORMAT, VERSION = "migrator-ws", 1
-GAP_PAGES = 4  # before the resume, a request also takes up to 4 pages between two of the set's
+GAP_PAGES = 4  # a request also takes up to 4 pages between two of the set's
+WHILE_CHUNK = 512  # while the guest runs: the set in chunks of this many first touches
 
 
 def first_touches(records: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
@@ -60,6 +61,18 @@ def request_runs(pages: list[int], limit: int, gap: int = 0) -> list[tuple[int, 
                 out[-1] = (first, p - first + 1)
                 continue
         out.append((p, 1))
+    return out
+
+
+def replay_runs(pages: list[int], limit: int, *, before: bool) -> list[tuple[int, int]]:
+    """The requests that replay ``pages`` (first-touch order): before the resume, in page
+    order; while the guest runs, the earliest-touched WHILE_CHUNK pages first, each chunk
+    in page order (coarse order kept, few requests).  Runs take up to GAP_PAGES between two."""
+    if before:
+        return request_runs(sorted(set(pages)), limit, GAP_PAGES)
+    out: list[tuple[int, int]] = []
+    for i in range(0, len(pages), WHILE_CHUNK):
+        out += request_runs(sorted(set(pages[i : i + WHILE_CHUNK])), limit, GAP_PAGES)
     return out
 
 
@@ -115,8 +128,7 @@ def replay(ps: PageState, request: Callable[[int, int], None], pages: list[int],
     st, zero = ps.state, ps.zero
     asked = 0
     # before the resume the order does not matter: in page order, runs are long (few requests)
-    order, gap = (sorted(set(pages)), GAP_PAGES) if wait_s > 0 else (pages, 0)
-    for first, count in request_runs(order, limit, gap):
+    for first, count in replay_runs(pages, limit, before=wait_s > 0):
         i = first
         end = first + count
         while i < end:  # sub-runs of pages still missing (a fault may have asked for some)
