@@ -36,7 +36,7 @@ from typing import Any, cast
 
 from guest_sim import pages
 from guest_sim.ram import GuestRam
-from guest_sim.vcpu import PauseControl, Vcpu, VcpuConfig, VcpuState, load_blob, state_blob
+from guest_sim.vcpu import TRACE_EVERY, PauseControl, Vcpu, VcpuConfig, VcpuState, load_blob, state_blob
 
 EXIT_NO_UFFD = 3
 EXIT_MONITOR_GONE = 70
@@ -81,6 +81,7 @@ class Guest:
             if self.vcpus and not self.ctl.pause_req:
                 return {"ok": False, "error": "drop needs paused vCPUs"}
             dropped = self.ram.drop([(int(a), int(n)) for a, n in msg["drop"]])
+        t_mono = time.monotonic_ns()  # before any vCPU runs: "first access" is measured from here
         if "state" in msg and msg["state"] is not None:
             if self.vcpus:
                 return {"ok": False, "error": "cannot load vCPU state into running vCPUs"}
@@ -91,7 +92,8 @@ class Guest:
             self.ctl.resume()
         else:
             self.start_vcpus()
-        return {"ok": True, "resumed_ns": time.time_ns(), "tids": [v.tid for v in self.vcpus], "dropped": dropped}
+        return {"ok": True, "resumed_ns": time.time_ns(), "mono_ns": t_mono, "tids": [v.tid for v in self.vcpus],
+                "dropped": dropped}
 
     def cmd_drop(self, msg: dict[str, Any]) -> dict[str, Any]:
         """Drop runs of pages [first, count] (an incoming guest's pre-copied pages that went
@@ -128,6 +130,8 @@ class Guest:
                     "hist": s.hist,
                     "errors": s.errors,
                     "first_errors": s.first_errors,
+                    "first_op_ns": s.first_op_ns,
+                    **({"trace": s.trace[:], "trace_every": TRACE_EVERY} if _msg.get("trace") else {}),
                 }
             )
         return {"ok": True, "mono_ns": time.monotonic_ns(), "vcpus": per, "paused": self.ctl.pause_req}

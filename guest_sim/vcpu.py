@@ -22,6 +22,7 @@ from guest_sim.ram import GuestRam
 
 memmove = ctypes.memmove
 STALL_NS = 50_000  # an access slower than this counts as a stall (fault wait)
+TRACE_EVERY, TRACE_MAX = 32, 65536  # a CLOCK_MONOTONIC time every 32 ops, for the first 2 M ops after a start
 
 
 @dataclass
@@ -32,6 +33,7 @@ class VcpuConfig:
     text_pct: int = 30
     nvcpus: int = 2
     rate: int = 0  # operations per second per vCPU; 0 = as fast as it goes
+    check: bool = True  # check every page read (False: memory not in guest_sim's format, e.g. a raw image)
 
 
 @dataclass
@@ -48,6 +50,9 @@ class VcpuState:
     hist: dict[int, int] = field(default_factory=dict)
     errors: int = 0
     first_errors: list[str] = field(default_factory=list)
+    # this run's progress (not migrated): the first access done, then every TRACE_EVERY ops
+    first_op_ns: int = 0
+    trace: list[int] = field(default_factory=list)
 
     def export(self) -> dict[str, int]:
         return {"rng": self.rng, "cursor": self.cursor, "ops": self.ops, "reads": self.reads, "writes": self.writes}
@@ -107,7 +112,7 @@ class Vcpu(threading.Thread):
                     st.stall_max_ns = dt
                 b = (dt // 1000).bit_length()
                 st.hist[b] = st.hist.get(b, 0) + 1
-            err = pages.check_page(buf, idx, ver.value)
+            err = pages.check_page(buf, idx, ver.value) if cfg.check else None
             if err:
                 st.errors += 1
                 if len(st.first_errors) < 10:
@@ -123,6 +128,11 @@ class Vcpu(threading.Thread):
             else:
                 st.reads += 1
             st.ops += 1
+            if not st.ops % TRACE_EVERY or not st.first_op_ns:
+                now = time.monotonic_ns()
+                st.first_op_ns = st.first_op_ns or now
+                if len(st.trace) < TRACE_MAX and not st.ops % TRACE_EVERY:
+                    st.trace.append(now)
 
 
 class PauseControl:

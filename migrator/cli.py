@@ -2,7 +2,8 @@
 
 Exit codes: 0 ok, 1 unexpected, 2 usage, 3 cannot run here (userfaultfd),
 4 transport (source unreachable or gone), 5 guest failure, 6 protocol or
-integrity error, 7 userfaultfd ioctl failure, 130 interrupted.
+integrity error, 7 userfaultfd ioctl failure, 8 secret refused, 9 unusable
+image (snapshot), 130 interrupted.
 """
 
 from __future__ import annotations
@@ -263,9 +264,47 @@ def dest_options(f: Any, *, override: bool = True) -> Any:
     return f
 
 
+def ws_options(f: Any) -> Any:
+    """Working sets (``dest/workingset.py``), for restores and migrations alike."""
+    opts = [
+        click.option("--record-ws", type=click.Path(dir_okay=False), default=None,
+                     help="Record the pages the guest touches first, in order, to this file (lanes held back --ws-seconds)."),
+        click.option("--ws-seconds", type=click.FloatRange(0.1, 600), default=2.0, show_default=True, help="The recording window."),
+        click.option("--replay-ws", type=click.Path(dir_okay=False), default=None, help="Fetch this recorded working set first."),
+        click.option("--replay-mode", type=click.Choice(["before", "while"]), default="before", show_default=True,
+                     help="Resume the guest once the working set is in (before) or at once (while)."),
+    ]  # fmt: skip
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def _ws(kw: dict[str, Any], eager: bool = False) -> tuple[str | None, float]:
+    """Check the working-set options; move the replay ones into ``kw`` (DestConfig's), and
+    for a recording set the demand window to one page and hold the lanes back.
+    Returns (record path, window)."""
+    record, seconds = kw.pop("record_ws"), kw.pop("ws_seconds")
+    if record and (kw["replay_ws"] or eager):
+        raise click.UsageError("--record-ws records a lazy restore: not with --replay-ws or --eager")
+    if eager and kw["replay_ws"]:
+        raise click.UsageError("--eager copies everything first: a working set adds nothing")
+    _writable(record, "--record-ws")
+    if kw["replay_ws"]:
+        from migrator.dest import workingset
+
+        try:
+            workingset.load(kw["replay_ws"], image="", npages=None, page_size=None)
+        except MigratorError as exc:
+            _fail(exc)
+    if record:
+        kw.update(demand_window=1, prefetch_delay=seconds)
+    return record, seconds
+
+
 @main.command()
 @click.option("--source", "source_addr", default="127.0.0.1:7000", show_default=True, help="The source's page server.")
 @dest_options
+@ws_options
 @click.option("--run-for", type=float, default=None, help="Seconds to keep the guest running after the last page (default: until Ctrl-C).")
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.option("--check", is_flag=True, help="Only probe whether userfaultfd works here, then exit (0 = yes, 3 = no).")
@@ -285,8 +324,9 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
         sys.exit(0 if result.ok else 3)
     if not result.ok:
         _fail(result.error())
-    from migrator.runner import run_destination
+    from migrator.runner import run_destination_outcome
 
+    record_ws, ws_seconds = _ws(kw)
     tls = _tls(kw)
     sig = _signals()  # from the start: a SIGUSR1 before the next hop serves is only noted
     # everything that can fail on its own fails now, before the source pauses its guest
@@ -305,12 +345,12 @@ def dest(source_addr: str, run_for: float | None, as_json: bool, check: bool, qu
         cfg = DestConfig(**{**cfg.__dict__, "run_for": 0.0})  # the guest runs on while it waits for the next hop
     stop = sig.stop
     try:
-        if listen:
-            from migrator.runner import run_destination_outcome
+        summary, out = run_destination_outcome(cfg, stop, plot, keep_guest=bool(listen))
+        if record_ws:
+            from migrator.dest import workingset
 
-            summary, out = run_destination_outcome(cfg, stop, plot, keep_guest=True)
-        else:
-            summary = run_destination(cfg, stop, plot)
+            n = workingset.save_recorded(record_ws, out, ws_seconds, image="")
+            click.echo(f"working set: {n} pages recorded to {record_ws}", err=True)
     except MigratorError as exc:
         _fail(exc)
     click.echo(summary.to_json() if as_json else summary.to_text())
@@ -412,7 +452,7 @@ def check() -> None:
 
 
 @main.command()
-@click.argument("scenario", type=click.Choice(["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms", "precopy", "all"]))
+@click.argument("scenario", type=click.Choice(["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms", "precopy", "restore", "all"]))
 @click.option("--runs", type=click.IntRange(1, 50), default=3, show_default=True, help="Runs per configuration (medians are reported).")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="bench-results", show_default=True, help="Where JSON (and PNG) results go.")
 @click.option("--ram", type=SIZE, default=None, help="Guest RAM for the migration scenarios (default: the scenario's own).")
@@ -429,9 +469,11 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None, peer: str | N
     bulk           bulk-stream throughput with compression none / zstd / auto
     grpc-forms     the transport alone: sync unary / sync stream / asyncio stream, 1 or 2 bulk streams
     precopy        pure / hot-first / pre-copy + post-copy on QEMU peer's workload (--peer: QEMU's too)
+    restore        snapshot once; restore lazily, replaying a working set (before / while), eagerly
     """
     from migrator.bench.grpc_forms import grpc_forms
     from migrator.bench.precopy import precopy
+    from migrator.bench.restore import restore_bench
     from migrator.bench.scenarios import SCENARIOS
     from migrator.bench.wakeups import wakeups
     from migrator.probe import probe
@@ -446,8 +488,8 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None, peer: str | N
     names = ["migrate-1g", "qemu-mix", "fault-latency", "wakeups", "bulk", "grpc-forms"] if scenario == "all" else [scenario]
     for name in names:
         click.echo(f"{name} ({runs} runs):", err=True)
-        fn = {"wakeups": wakeups, "grpc-forms": grpc_forms, "precopy": precopy}.get(name) or SCENARIOS[name]
-        kwargs: dict[str, Any] = {"ram": ram} if ram and (name in SCENARIOS or name == "precopy") else {}
+        fn = {"wakeups": wakeups, "grpc-forms": grpc_forms, "precopy": precopy, "restore": restore_bench}.get(name) or SCENARIOS[name]
+        kwargs: dict[str, Any] = {"ram": ram} if ram and (name in SCENARIOS or name in ("precopy", "restore")) else {}
         if name == "precopy" and peer:
             kwargs["peer"] = peer
         try:
@@ -457,3 +499,13 @@ def bench(scenario: str, runs: int, out_dir: str, ram: int | None, peer: str | N
         click.echo(f"{name}: median (min–max) of {runs} runs")
         click.echo(res["text"])
         click.echo(f"  JSON: {out_dir}/{name}.json")
+
+
+def _register_snapshot_commands() -> None:
+    """`snapshot`, `restore`, `serve`: in ``snapshot/commands.py``, with the same helpers."""
+    from migrator.snapshot.commands import register
+
+    register(main)
+
+
+_register_snapshot_commands()

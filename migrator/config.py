@@ -72,6 +72,11 @@ class DestConfig:
     precopy: float = 0.0
     precopy_auto: bool = False
     hot_first: bool = False  # after the switch, the pages the guest wrote last come first
+    # restores (dest/workingset.py): a recorded working set fetched first, "before" or "while" the
+    # guest runs; eager: every page installed before the resume
+    replay_ws: str | None = None
+    replay_mode: str = "before"
+    eager: bool = False
 
 
 def parse_precopy(text: str) -> tuple[float, bool]:

@@ -18,6 +18,8 @@
     ├── GuestError                    5  the guest process died or failed its own checks
     │   ├── GuestDied                 5
     │   └── GuestStalled              5  no reply within the deadline (the channel stays usable)
+    ├── ImageError                    9  a RAM image (snapshot) is missing, truncated or corrupt,
+    │                                    or does not fit what it is used with
     └── UffdError                     7  an ioctl on the userfaultfd failed unexpectedly
         ├── PageExists                   EEXIST: the page is already mapped (benign race)
         ├── RetryLater                   EAGAIN: the mm is changing, try again
@@ -100,6 +102,12 @@ class GuestDied(GuestError):
 
 class GuestStalled(GuestError):
     """The guest did not answer a control call in time; it may only be slow."""
+
+
+class ImageError(MigratorError):
+    """A snapshot image that cannot be used as it is (``snapshot/image.py``)."""
+
+    exit_code = 9
 
 
 class UffdError(MigratorError):

@@ -7,6 +7,7 @@ Python work (``workers.py``).  Run as ``python -m migrator.dest.faultproc``::
     config  {"npages", "page_size", "base", "window", "fault_threads", "lane_starts",
              "source": {"address", "secret", "tls"}, "uffd_fd", "shm_fd", "slot"}
     epoch   {"epoch"}   open the urgent stream for this migration (before the resume)
+    replay  {"path", "wait_s"}  ask for a recorded working set first (``workingset.py``)
     stop                stop; answer with the faults' latencies and the timeline
 
 Events: ``ready`` (the urgent connection is up), ``lost``/``back`` (the urgent
@@ -25,6 +26,8 @@ from migrator.dest.gate import Gate
 from migrator.dest.install import Installer
 from migrator.dest.pagestate import PageState
 from migrator.dest.local_source import open_page_source
+from migrator.dest import workingset
+from migrator.source.serving import MAX_DEMAND_PAGES
 from migrator.errors import MigratorError
 from migrator.uffd.fd import Userfaultfd
 from migrator.workers import WorkerSide
@@ -58,12 +61,17 @@ def main() -> int:
     def epoch(msg: dict[str, Any]) -> None:
         demand.start(int(msg["epoch"]))
 
+    def replay(msg: dict[str, Any]) -> dict[str, Any]:
+        pages = workingset.load(str(msg["path"]), image="", npages=npages, page_size=psize)
+        return workingset.replay(ps, demand.request, pages, MAX_DEMAND_PAGES, float(msg.get("wait_s", 0)))
+
     def stop() -> dict[str, Any]:
         faults.stop()
         demand.stop()
-        return {"faults": fault_latencies(handler.records, ps), "timeline": demand.timeline}
+        return {"faults": fault_latencies(handler.records, ps), "timeline": demand.timeline,
+                "touched": workingset.first_touches(handler.records)}  # fmt: skip
 
-    side.serve({"epoch": epoch}, on_stop=stop)
+    side.serve({"epoch": epoch, "replay": replay}, on_stop=stop)
     source.close()
     return 0
 

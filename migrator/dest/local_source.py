@@ -23,7 +23,8 @@ from typing import Any
 import zstandard
 
 from migrator import PROTOCOL_VERSION
-from migrator.pagemaps import FLIP01
+from migrator.dest.pagestate import PageState
+from migrator.pagemaps import FLIP01, or_bytes
 from migrator.source.batches import BatchBuilder
 from migrator.source.serving import MAX_DEMAND_PAGES, lane_range
 from migrator.wire import migration_pb2 as pb
@@ -71,6 +72,9 @@ class _Demand:
         self._q.put(None)
 
 
+_ASKED = bytes([0]) + bytes([1]) * 255  # translate a page state: 1 = requested or present at the destination
+
+
 class _Bulk:
     def __init__(self, src: "ImagePageSource", epoch: int, lane: int, lanes: int, codec: int, batch_pages: int,
                  seek: int) -> None:  # fmt: skip
@@ -99,6 +103,11 @@ class _Bulk:
             if p < 0:
                 break
             stop = min(p + self._batch, self._end)
+            if src.dest_state is not None:  # 0 = still to send: pages requested or present there are not
+                need[p:stop] = or_bytes(need[p:stop], bytes(src.dest_state[p:stop]).translate(_ASKED))
+                if need.find(0, p, stop) < 0:
+                    self._pos = stop
+                    continue
             include = need[p:stop].translate(FLIP01)
             need[p:stop] = b"\x01" * (stop - p)
             self._pos = stop
@@ -111,12 +120,24 @@ class _Bulk:
 
 
 class ImagePageSource:
-    """A worker's page source: the image file at ``path``."""
+    """A worker's page source: the image file at ``path``, or the snapshot image
+    folder ``image`` (``snapshot/image.py``: its holes are never read, every page
+    read is checked against its checksum)."""
 
-    def __init__(self, path: str, page_size: int) -> None:
-        self.reader = _FileReader(path, page_size)
-        self.npages = os.fstat(self.reader.fd).st_size // page_size
-        self.untouched = bytes(self.npages)  # every page is read (zero ones travel as flags)
+    def __init__(self, path: str, page_size: int, image: str | None = None, state_fd: int = -1) -> None:
+        self.reader: Any
+        if image:
+            from migrator.snapshot.image import CheckedReader, open_image
+
+            img = open_image(image)
+            self.reader, self.npages, self.untouched = CheckedReader(img), img.npages, img.holes
+        else:
+            self.reader = _FileReader(path, page_size)
+            self.npages = os.fstat(self.reader.fd).st_size // page_size
+            self.untouched = bytes(self.npages)  # every page is read (zero ones travel as flags)
+        # the destination's page state: what the fault process already asked for or has is not sent
+        # again (a source's lanes learn it from the urgent worker's map: ``source/shared.py``)
+        self.dest_state = PageState.attach(state_fd, self.npages).state if state_fd >= 0 else None
 
     def ready(self, timeout: float) -> None:
         return None
@@ -143,8 +164,10 @@ class LocalControl:
         self.completed = threading.Event()
         self.switched = threading.Event()
 
-    def worker_source(self) -> dict[str, Any]:
-        return {"kind": "image", "path": self.path, "page_size": self.page_size}
+    def worker_source(self, state_fd: int = -1) -> dict[str, Any]:
+        """The workers' source; ``state_fd``: the destination's page state (``pagestate.py``),
+        inherited by every worker, so that the bulk skips pages that are already there."""
+        return {"kind": "image", "path": self.path, "page_size": self.page_size, "state_fd": state_fd}
 
     def describe(self) -> pb.Manifest:
         return pb.Manifest(protocol_version=PROTOCOL_VERSION, ram_size=self.npages * self.page_size,
@@ -178,7 +201,7 @@ class LocalControl:
 def open_page_source(spec: dict[str, Any]) -> Any:
     """A worker's page source from its configuration: gRPC (``address``) or an image (``path``)."""
     if spec.get("kind") == "image":
-        return ImagePageSource(spec["path"], int(spec["page_size"]))
+        return ImagePageSource(spec["path"], int(spec["page_size"]), spec.get("image"), int(spec.get("state_fd", -1)))
     from migrator.dest.source_client import GrpcPageSource
     from migrator.security import TlsFiles
 

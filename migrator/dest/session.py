@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from migrator.config import DestConfig
+from migrator.dest import workingset
 from migrator.dest.crew import Crew, event_error
 from migrator.dest.pagestate import EPOCH, PageState
 from migrator.dest.precopy import PrecopyPhase
@@ -108,6 +109,8 @@ class Outcome:
     reconnects: int = 0
     release: "Release | None" = None
     precopy: dict[str, Any] = field(default_factory=dict)  # what the pre-copy did (empty: none)
+    resumed_mono_ns: int = 0  # the guest's CLOCK_MONOTONIC at its resume
+    touched: list[tuple[int, int]] = field(default_factory=list)  # (page, monotonic ns) first faults, in order
 
 
 def _is_loopback(address: str) -> bool:
@@ -192,15 +195,17 @@ class DestinationSession:
             switched = True
             crew.fault.wait(urgent, 10)  # no fault waits for the urgent stream to open
             t_sw = time.time_ns()
+            lanes_started = workingset.before_resume(cfg, crew, ps, manifest.epoch, self._check)  # replay, eager
             reply = guest.call("resume", state=state, write_ratio=cfg.write_ratio, drop=discard)
             resumed = True
             self._lanes_due = time.monotonic() + cfg.prefetch_delay  # (held back only to measure an idle bulk)
-            if cfg.prefetch_delay <= 0:
+            if cfg.prefetch_delay <= 0 and not lanes_started:
                 crew.start_lanes(manifest.epoch, pre_phase.resync)
                 self._lanes_due = 0.0
             out = Outcome(manifest, DestStats(), guest, paused_ns=manifest.paused_unix_ns, resumed_ns=int(reply["resumed_ns"]))
             out.precopy = pre
             out.tids = list(reply.get("tids", []))
+            out.resumed_mono_ns = int(reply.get("mono_ns", 0))
             if cfg.balloon_pages:
                 self._balloon(guest, cfg.balloon_pages)
             log.debug("handshake->resume %.1f ms (stale pages %.1f ms, switch-over %.1f ms, %d runs dropped)",
@@ -246,7 +251,7 @@ class DestinationSession:
         offsets = list(desc.lane_port_offsets)
         local = getattr(self.control, "worker_source", None)  # an image: every worker reads the file
         if local is not None:
-            source: dict[str, Any] = local()
+            source: dict[str, Any] = local(ps.fd)  # (the page state: a local source skips what is here)
             urgent, lane_addrs = "", [""] * lanes
         else:
             tls = cfg.tls
@@ -398,6 +403,7 @@ class DestinationSession:
             st.fault_latency_ns.append(lat)
             st.fault_done_ns.append(done)
             st.blocked_ns_by_tid[tid] = st.blocked_ns_by_tid.get(tid, 0) + lat
+        out.touched = [(int(p), int(t)) for p, t in reports.get(crew.fault.name, {}).get("touched", [])]
         for name, rep in reports.items():
             st.timeline.extend((tm, kind, n, 0) for tm, kind, n in rep.get("timeline", []))
         bulk = [tm for tm, kind, _n, _ in st.timeline if kind == "prefetch"]

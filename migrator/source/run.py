@@ -36,7 +36,8 @@ def run_source(cfg: SourceConfig, stop: threading.Event, say=print, rollback: th
 
 
 def serve_guest(  # type: ignore[no-untyped-def]
-    guest: GuestProcess, cfg: SourceConfig, stop: threading.Event, say=print, rollback: threading.Event | None = None
+    guest: GuestProcess, cfg: SourceConfig, stop: threading.Event, say=print, rollback: threading.Event | None = None,
+    session_class: type[SourceSession] = SourceSession,
 ) -> dict[str, Any]:
     """Serve a running guest to a destination; release it once that one confirms.
 
@@ -48,14 +49,15 @@ def serve_guest(  # type: ignore[no-untyped-def]
     destination runs the guest is refused once, with a warning; a second one,
     or an operator's SIGTERM, stops at once (and that guest is lost: said so).
 
-    Used by `migrator source` for a guest it started, and by `migrator dest
-    --listen` for the guest it just received (the next hop).
+    Used by `migrator source` for a guest it started, by `migrator dest
+    --listen` for the guest it just received (the next hop), and by `migrator
+    serve` for an image (``session_class``: ``snapshot/serve.py``).
     """
     # The bulk stream's thread would hold the GIL for up to the default 5 ms
     # switch interval while a demand request waits: switch often.
     sys.setswitchinterval(SWITCH_INTERVAL_S)
     try:
-        session = SourceSession(guest, switchover_timeout=cfg.switchover_timeout, lanes=cfg.lanes)
+        session = session_class(guest, switchover_timeout=cfg.switchover_timeout, lanes=cfg.lanes)
     except BaseException:
         guest.kill()
         raise

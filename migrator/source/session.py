@@ -85,7 +85,7 @@ class SourceSession:
         self._lock = threading.Lock()
         # opened now, before any pause: nothing can fail for want of it between
         # the pause and "paused" (e.g. a process out of file descriptors)
-        self._reader = RamReader(h.pid, h.addr, h.size, h.page_size)
+        self._reader = self._open_reader()
         self.shared = sh.create(self.npages)
         self._manifest: pb.Manifest | None = None
         self.workers: list[Worker] = []
@@ -99,6 +99,11 @@ class SourceSession:
         self._precopy: Precopy | None = None
         self._precopy_idle = 0.0  # monotonic: when the pre-copy's progress stream closed (0 = open)
         self._untrack: Precopy | None = None  # its tracker stays open until the pause's epoch ends
+
+    def _open_reader(self) -> RamReader:
+        """The guest's pagemap (which pages were never touched) and its RAM's descriptor."""
+        h = self.guest.hello
+        return RamReader(h.pid, h.addr, h.size, h.page_size)
 
     @property
     def phase(self) -> str:
