@@ -147,7 +147,7 @@ class Summary:
         ]
         if self.uffd_mode and self.uffd_mode != "full":
             lines.append(f"userfaultfd     {self.uffd_mode}: a system call reading a page still missing fails with EFAULT "
-                         "(run as root, or allow /dev/userfaultfd, for a full one)")  # fmt: skip
+                         "(CAP_SYS_PTRACE or access to /dev/userfaultfd gives a full one)")  # fmt: skip
         pre = self.extra.get("precopy")
         if pre and pre.get("mode") == "pre-copy":
             lines.insert(3, f"pre-copy        {pre.get('installed', 0) + pre.get('rewritten', 0)} pages in {pre.get('rounds', 0)} "
