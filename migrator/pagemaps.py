@@ -42,3 +42,16 @@ def decompress_exact(data: bytes, size: int) -> bytes:
     if len(out) != size:
         raise ValueError(f"{len(out)} bytes, not {size}")
     return out
+
+
+def decompress_map(data: bytes, npages: int, what: str) -> bytes:
+    """A peer's zstd-compressed map of one 0/1 byte per page (zero, missing, stale
+    maps: both sides), checked by :func:`decompress_exact` and for its values.
+    Raises ValueError("bad WHAT: ..."); callers turn it into their refusal."""
+    try:
+        out = decompress_exact(data, npages)
+    except ValueError as exc:
+        raise ValueError(f"bad {what}: {exc}") from None
+    if not is_01(out):
+        raise ValueError(f"bad {what}: one 0/1 byte per page expected")
+    return out

@@ -16,21 +16,20 @@ so its RAM must stay byte-for-byte equal to the source's.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import signal
 import threading
-import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from guest_sim import pages
+from helpers import migrate as helpers_migrate
 from helpers import procmem, procs
-from migrator.config import DestConfig
-from migrator.dest.session import DestinationSession, Outcome, guest_errors
+from migrator.dest.session import guest_errors
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.probe import probe
 
@@ -48,23 +47,9 @@ def _userfaultfd() -> None:
         pytest.skip(result.message)
 
 
-@contextlib.contextmanager
-def migrated(tmp: Path, cfg_kw: dict[str, object]) -> Iterator[tuple[procs.Cmd, dict[str, object], DestinationSession, Outcome]]:
-    """A 64 MiB source guest (random workload, half writes) migrated here; everything cleaned up after."""
-    extra = ("--keep-guest", "--workload", "random", "--write-ratio", "0.5")
-    with procs.running_source(tmp, RAM, *extra) as (src, info):
-        # let the guest dirty memory on the source for a while
-        time.sleep(WARMUP_S)
-        assert src.proc.poll() is None, f"the source exited early:\n{src.stderr()}"
-        session = DestinationSession(DestConfig(source=str(info["address"]), progress=False, **cfg_kw))  # type: ignore[arg-type]
-        out: Outcome | None = None
-        try:
-            out = session.migrate()
-            yield src, info, session, out
-        finally:
-            session.close()
-            if out is not None:
-                out.guest.close()  # idempotent; finish() may not have run
+def migrated(tmp: Path, cfg_kw: Mapping[str, object]) -> Any:
+    """A 64 MiB source guest (random workload, half writes, dirtying memory for a while) migrated here."""
+    return helpers_migrate.migrated(tmp, RAM, cfg_kw, "--workload", "random", "--write-ratio", "0.5", warmup_s=WARMUP_S)
 
 
 def stop_source(src: procs.Cmd) -> None:

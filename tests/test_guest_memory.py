@@ -21,11 +21,9 @@ second a user-mode-only one, reported.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ import pytest
 
 from guest_sim import pages
 from helpers import procmem, procs
+from helpers.guest_events import Run, run_dest
 from migrator.probe import probe
 
 RAM = "64MiB"
@@ -83,49 +82,6 @@ def _userfaultfd() -> None:
     result = probe()
     if not result.ok:
         pytest.skip(result.message)
-
-
-class Run:
-    """One destination process's result, and the two guests' memory."""
-
-    def __init__(self, dest: subprocess.Popen[str], info: dict[str, Any]) -> None:
-        self.dest = dest
-        line = dest.stdout.readline() if dest.stdout else ""
-        if not line:
-            dest.kill()
-            _, err = dest.communicate(timeout=10)
-            raise AssertionError(f"the destination failed (exit {dest.returncode}):\n{err}")
-        self.res = json.loads(line)
-        self.replies: list[dict[str, Any]] = self.res["replies"]
-        self.summary: dict[str, Any] = self.res["summary"]
-        self.pid, self.addr = int(self.res["pid"]), int(self.res["addr"])
-        src_pid = int(info["guest_pid"])
-        # the source guest stays paused (--keep-guest): its RAM is what the destination must hold
-        self.src = procmem.read_mem(src_pid, procmem.find_guest_ram(src_pid, NPAGES * PS, PS), NPAGES * PS)
-
-    def src_page(self, p: int) -> bytes:
-        return self.src[p * PS : (p + 1) * PS]
-
-    def dst_page(self, p: int, addr: int | None = None) -> bytes:
-        return procmem.read_mem(self.pid, addr if addr is not None else self.addr + p * PS, PS)
-
-    def close(self) -> None:
-        if self.dest.poll() is None:
-            try:
-                self.dest.communicate("\n", timeout=30)
-            except subprocess.TimeoutExpired:
-                self.dest.kill()
-
-
-def run_dest(info: dict[str, Any], actions: list[dict[str, Any]], wrap: list[str] | None = None) -> Run:
-    env = {**os.environ, "MIGRATOR_SECRET": str(info["secret"]), "PYTHONPATH": str(Path(__file__).parent.parent)}
-    cmd = [*(wrap or []), sys.executable, "-m", "tests.helpers.events_dest", str(info["address"]), json.dumps(actions)]
-    dest = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        return Run(dest, info)
-    except BaseException:
-        dest.kill()
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +176,7 @@ def test_root_without_cap_sys_ptrace_still_gets_a_full_userfaultfd(tmp_path: Pat
     if not os.path.exists("/dev/userfaultfd"):
         pytest.skip("this kernel has no /dev/userfaultfd")
     with procs.running_source(tmp_path, RAM, "--keep-guest", "--rate", "20") as (_src, info):
-        r = run_dest(info, [{"cmd": "syscall-read", "page": F}], wrap)
+        r = run_dest(info, [{"cmd": "syscall-read", "page": F}], wrap=wrap)
         try:
             assert r.replies[0].get("errno") is None and r.replies[0]["check"] is None, r.replies[0]
             assert r.summary["uffd_mode"] == "full" and r.summary["ok"], r.summary
@@ -241,7 +197,7 @@ def test_user_mode_only_is_said_and_its_limit_is_real(tmp_path: Path) -> None:
     check = subprocess.run([*hide, *wrap, *procs.MIGRATOR, "dest", "--check"], capture_output=True, text=True, timeout=60)
     assert check.returncode == 0 and "user-mode only" in check.stdout and "EFAULT" in check.stdout, check
     with procs.running_source(tmp_path, RAM, "--keep-guest", "--rate", "20") as (_src, info):
-        r = run_dest(info, [{"cmd": "syscall-read", "page": F}, {"cmd": "read-page", "page": F}], [*hide, *wrap])
+        r = run_dest(info, [{"cmd": "syscall-read", "page": F}, {"cmd": "read-page", "page": F}], wrap=[*hide, *wrap])
         try:
             assert r.replies[0].get("errno") == errno.EFAULT, r.replies[0]
             assert r.replies[1]["check"] is None and not r.replies[1]["zero"], r.replies[1]

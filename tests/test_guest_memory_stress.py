@@ -13,18 +13,15 @@ checks every page of the destination guest against the source guest through
 
 from __future__ import annotations
 
-import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import pytest
 
 from guest_sim.pages import table_pages
 from helpers import procmem, procs
+from helpers.guest_events import Run, run_dest
 from migrator.probe import probe
 
 PS = 4096
@@ -37,49 +34,6 @@ def _userfaultfd() -> None:
     result = probe()
     if not result.ok:
         pytest.skip(result.message)
-
-
-class Run:
-    def __init__(self, dest: subprocess.Popen[str], info: dict[str, Any], npages: int) -> None:
-        self.dest = dest
-        line = dest.stdout.readline() if dest.stdout else ""
-        if not line:
-            dest.kill()
-            _, err = dest.communicate(timeout=10)
-            raise AssertionError(f"the destination failed (exit {dest.returncode}):\n{err[-6000:]}")
-        self.res = json.loads(line)
-        self.replies: list[dict[str, Any]] = self.res["replies"]
-        self.summary: dict[str, Any] = self.res["summary"]
-        self.pid, self.addr = int(self.res["pid"]), int(self.res["addr"])
-        self.npages = npages
-        assert len(self.replies) == len(json.loads(cast(list[str], dest.args)[-2])), f"only {len(self.replies)} actions ran: {self.res}"[:3000]
-        src_pid = int(info["guest_pid"])
-        self.src = procmem.read_mem(src_pid, procmem.find_guest_ram(src_pid, npages * PS, PS), npages * PS)
-
-    def src_page(self, p: int) -> bytes:
-        return self.src[p * PS : (p + 1) * PS]
-
-    def dst_page(self, p: int, addr: int | None = None) -> bytes:
-        return procmem.read_mem(self.pid, addr if addr is not None else self.addr + p * PS, PS)
-
-    def close(self) -> None:
-        if self.dest.poll() is None:
-            try:
-                self.dest.communicate("\n", timeout=30)
-            except subprocess.TimeoutExpired:
-                self.dest.kill()
-
-
-def run_dest(info: dict[str, Any], actions: list[dict[str, Any]], opts: dict[str, Any], npages: int,
-             timeout: float = 240) -> Run:  # fmt: skip
-    env = {**os.environ, "MIGRATOR_SECRET": str(info["secret"]), "PYTHONPATH": str(Path(__file__).parent.parent)}
-    cmd = [sys.executable, "-m", "tests.helpers.events_dest", str(info["address"]), json.dumps(actions), json.dumps(opts)]
-    dest = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        return Run(dest, info, npages)
-    except BaseException:
-        dest.kill()
-        raise
 
 
 def check_all(r: Run, zeroed: set[int], moved: dict[int, int]) -> list[str]:
@@ -123,7 +77,7 @@ def test_random_discards_while_the_lanes_stream(tmp_path: Path, fault_threads: i
     acts, zeroed = random_discards(400, npages, seed=seed)
     extra = ["--rate", rate] if rate != "0" else []  # "0": the guest's vCPUs at full speed
     with procs.running_source(tmp_path, ram, "--keep-guest", *extra) as (_src, info):
-        r = run_dest(info, acts, {"prefetch_delay": 0.0, "fault_threads": fault_threads, "when": "thread"}, npages)
+        r = run_dest(info, acts, {"prefetch_delay": 0.0, "fault_threads": fault_threads, "when": "thread"})
         try:
             assert all(x.get("ok") for x in r.replies), [x for x in r.replies if not x.get("ok")][:3]
             s = r.summary
@@ -140,7 +94,7 @@ def test_random_discards_while_the_lanes_stream(tmp_path: Path, fault_threads: i
 def test_remap_twice_back_and_discard_at_the_new_address(tmp_path: Path) -> None:
     """Move a range, discard part of it at its new address, move it again, then move
     another range back over... ; lanes streaming meanwhile."""
-    ram, npages = "128MiB", (128 << 20) // PS
+    ram = "128MiB"
     E, K = 5000, 20000  # two ranges in the two lanes' shares
     acts = [
         {"cmd": "remap", "first": E, "count": 64},  # 0
@@ -152,7 +106,7 @@ def test_remap_twice_back_and_discard_at_the_new_address(tmp_path: Path) -> None
         {"cmd": "remap", "first": K + 4, "count": 4},  # 6: part of a moved range moved again
     ]
     with procs.running_source(tmp_path, ram, "--keep-guest", "--rate", "20") as (_src, info):
-        r = run_dest(info, acts, {"prefetch_delay": 0.3, "when": "first"}, npages)
+        r = run_dest(info, acts, {"prefetch_delay": 0.3, "when": "first"})
         try:
             assert all(x.get("ok") for x in r.replies), r.replies
             new_e = int(r.replies[2]["address"])
@@ -175,7 +129,7 @@ def test_map_over_spanning_both_lanes_shares(tmp_path: Path) -> None:
     mid = npages // 2
     acts = [{"cmd": "map-over", "first": mid - 100, "count": 200}, {"cmd": "read-page", "page": mid}]
     with procs.running_source(tmp_path, ram, "--keep-guest", "--rate", "20") as (_src, info):
-        r = run_dest(info, acts, {"prefetch_delay": 0.0, "when": "first"}, npages)
+        r = run_dest(info, acts, {"prefetch_delay": 0.0, "when": "first"})
         assert r.res["actions_done_before_end"] == len(acts)
         try:
             assert all(x.get("ok") for x in r.replies), r.replies

@@ -13,18 +13,18 @@ Evidence independent of migrator's own counters:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
-import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from guest_sim import pages
+from helpers import migrate as helpers_migrate
 from helpers import procmem, procs
 from migrator import policy
 from migrator.config import DestConfig, parse_precopy
@@ -106,21 +106,8 @@ def test_tracker_reports_exactly_the_pages_written(tmp_path: Path) -> None:
 
 
 # -- end to end ------------------------------------------------------------------------------
-@contextlib.contextmanager
-def migrated(tmp: Path, cfg_kw: dict[str, object], *source_args: str) -> Iterator[tuple[procs.Cmd, dict[str, object], DestinationSession, Outcome]]:
-    extra = ("--keep-guest", *source_args)
-    with procs.running_source(tmp, RAM, *extra) as (src, info):
-        time.sleep(0.5)
-        assert src.proc.poll() is None, f"the source exited early:\n{src.stderr()}"
-        session = DestinationSession(DestConfig(source=str(info["address"]), progress=False, **cfg_kw))  # type: ignore[arg-type]
-        out: Outcome | None = None
-        try:
-            out = session.migrate()
-            yield src, info, session, out
-        finally:
-            session.close()
-            if out is not None:
-                out.guest.close()
+def migrated(tmp: Path, cfg_kw: Mapping[str, object], *source_args: str) -> Any:
+    return helpers_migrate.migrated(tmp, RAM, cfg_kw, *source_args)
 
 
 def same_as_source_at_pause(info: dict[str, object], out: Outcome) -> bytes:

@@ -203,12 +203,8 @@ class Installer:
         def one() -> None:
             if self.ps.state[page] not in (PRESENT, DISCARDED):
                 return  # moved on meanwhile (e.g. dropped for a new copy): the caller wakes
-            addr = self.ps.address(page) or self.base + page * self.psize
             try:
-                if write:
-                    self.uffd.copy_page(addr, self._zero_addr, self.psize)
-                else:
-                    self.uffd.zeropage(addr, self.psize)
+                self._zero_at(self.ps.address(page) or self.base + page * self.psize, write)
             except PageExists:
                 self.ps.state[page] = PRESENT
                 return
@@ -224,16 +220,20 @@ class Installer:
         tail an mremap grew): new anonymous memory reads as zeros.  False if the
         kernel has a page there or the range is not registered (wake only); raises
         RetryLater while the address space is changing."""
-        dst = address & ~(self.psize - 1)
         try:
-            if write:
-                self.uffd.copy_page(dst, self._zero_addr, self.psize)
-            else:
-                self.uffd.zeropage(dst, self.psize)
+            self._zero_at(address & ~(self.psize - 1), write)
         except (PageExists, Unmapped):
             return False
         self.c.add("zero_local")
         return True
+
+    def _zero_at(self, addr: int, write: bool) -> None:
+        """One zero page at ``addr``: a private copy for a write fault (one fault), the
+        shared zero page for a read."""
+        if write:
+            self.uffd.copy_page(addr, self._zero_addr, self.psize)
+        else:
+            self.uffd.zeropage(addr, self.psize)
 
     def install_zero_range(self, first: int, count: int) -> int:
         """Map the pages of a run of known-zero pages that are still to install."""

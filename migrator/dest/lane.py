@@ -43,7 +43,7 @@ from migrator.dest.precopy import PrecopyReceiver
 from migrator.dest.local_source import open_page_source
 from migrator.dest.source_client import BulkStream
 from migrator.errors import AuthError, MigratorError, ProtocolError, TransportError
-from migrator.pagemaps import decompress_exact, is_01
+from migrator.pagemaps import decompress_map
 from migrator.source.serving import lane_range
 from migrator.uffd.fd import Userfaultfd
 from migrator.wire import migration_pb2 as pb
@@ -199,11 +199,9 @@ class Lane:
     def _take_zero_map(self, zstd_map: bytes) -> None:
         """The source's map of never-touched pages (lane 0's first batch): validate, share."""
         try:
-            zero_map = decompress_exact(zstd_map, self.npages)
+            zero_map = decompress_map(zstd_map, self.npages, "zero map")
         except ValueError as exc:
-            raise ProtocolError(f"bad zero map: {exc}") from None
-        if not is_01(zero_map):
-            raise ProtocolError("zero map must be one 0/1 byte per page")
+            raise ProtocolError(str(exc)) from None
         self.ps.zero[:] = zero_map
         self.ps.words[ZERO_READY] = 1
 

@@ -45,7 +45,7 @@ from migrator.dest.install import Decoded, Installer
 from migrator.dest.pagestate import DROPPING, PRESENT, PageState
 from migrator.dest.source_client import BulkStream, PageSource
 from migrator.errors import GuestError, MigrationEnded, MigratorError, ProtocolError, SourceFailed
-from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, decompress_exact, is_01
+from migrator.pagemaps import FLAG_DATA, FLAG_OMITTED, decompress_map
 from migrator.source.serving import lane_range
 from migrator.wire import migration_pb2 as pb
 from migrator.workers import set_thread_name
@@ -299,9 +299,6 @@ class PrecopyPhase:
 def stale_map(stale_zstd: bytes, npages: int) -> bytes:
     """A peer's zstd stale map, checked: one 0/1 byte per page; raises ProtocolError."""
     try:
-        stale = decompress_exact(stale_zstd, npages)
+        return decompress_map(stale_zstd, npages, "stale map")
     except ValueError as exc:
-        raise ProtocolError(f"bad stale map: {exc}") from None
-    if not is_01(stale):
-        raise ProtocolError("stale map must be one 0/1 byte per page")
-    return stale
+        raise ProtocolError(str(exc)) from None

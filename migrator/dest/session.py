@@ -69,7 +69,6 @@ from migrator.errors import (
 )
 from migrator.guest import GuestProcess, GuestSpec
 from migrator.stats import DestStats
-from migrator.uffd import abi
 from migrator.uffd.fd import MIGRATION_FEATURES, Userfaultfd
 from migrator.wire import migration_pb2 as pb
 

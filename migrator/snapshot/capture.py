@@ -32,7 +32,7 @@ import zstandard
 from migrator.dest.install import Installer
 from migrator.dest.source_client import GrpcControl, GrpcPageSource, port_address
 from migrator.errors import ImageError, MigratorError, ProtocolError
-from migrator.pagemaps import FLAG_DATA, FLAG_ZERO, decompress_exact, is_01
+from migrator.pagemaps import FLAG_DATA, FLAG_ZERO, decompress_map
 from migrator.security import TlsFiles
 from migrator.snapshot.image import READ_CHUNK, ImageWriter, holes_map, open_sized, runs
 from migrator.wire import migration_pb2 as pb
@@ -164,11 +164,9 @@ def _receive_all(m: pb.Manifest, sources: list[GrpcPageSource], writer: ImageWri
 
 def _take_zero_map(zstd_map: bytes, npages: int, covered: bytearray) -> None:
     try:
-        zero = decompress_exact(zstd_map, npages)
+        zero = decompress_map(zstd_map, npages, "zero map")
     except ValueError as exc:
-        raise ProtocolError(f"bad zero map: {exc}") from None
-    if not is_01(zero):
-        raise ProtocolError("zero map must be one 0/1 byte per page")
+        raise ProtocolError(str(exc)) from None
     for first, count in runs(zero, 1):
         covered[first : first + count] = b"\x01" * count
 

@@ -44,7 +44,7 @@ from typing import Any
 
 import grpc
 
-from migrator.pagemaps import decompress_exact, is_01
+from migrator import pagemaps
 from migrator.source.ownership import Refused
 
 log = logging.getLogger("migrator.source")
@@ -93,12 +93,9 @@ def server_options(npages: int, page_size: int, max_batch_pages: int) -> list[tu
 def decompress_map(data: bytes, size: int, what: str) -> bytes:
     """A peer's zstd-compressed 0/1 map of ``size`` pages, or Refused (INVALID_ARGUMENT)."""
     try:
-        out = decompress_exact(data, size)
+        return pagemaps.decompress_map(data, size, what)
     except ValueError as exc:
-        raise Refused("INVALID_ARGUMENT", f"bad {what}: {exc}") from None
-    if not is_01(out):
-        raise Refused("INVALID_ARGUMENT", f"bad {what}: one 0/1 byte per page expected")
-    return out
+        raise Refused("INVALID_ARGUMENT", str(exc)) from None
 
 
 class RefusalLog:
